@@ -1,0 +1,133 @@
+"""Per-cycle model files, written atomically, and loading them back to continue exactly.
+
+A cycle c of a run named PREFIX in folder OUT is three files:
+  PREFIX_encoder_CCC.keras, PREFIX_classifier_CCC.keras  (Keras' native format)
+  PREFIX_state_CCC.npz  (optimizer and dropout-seed state, plus a JSON `meta` record)
+The state file is written last: a cycle counts as complete only when all three exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from dqc.errors import DQCError
+from dqc.trainer import Trainer
+
+CYCLE_DIGITS = 3
+
+
+def cycle_paths(out: str | Path, prefix: str, cycle: int) -> dict[str, Path]:
+    tag = f"{cycle:0{CYCLE_DIGITS}d}"
+    out = Path(out)
+    return {"encoder": out / f"{prefix}_encoder_{tag}.keras",
+            "classifier": out / f"{prefix}_classifier_{tag}.keras",
+            "state": out / f"{prefix}_state_{tag}.npz"}
+
+
+def state_path_for(classifier_path: str | Path) -> Path:
+    """The state file that belongs to a classifier file (same folder, `_state_` name)."""
+    p = Path(classifier_path)
+    name = re.sub(r"_classifier_(\d+)$", r"_state_\1", p.stem)
+    return p.with_name(name + ".npz")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes) or ".tmp",
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_cycle(trainer: Trainer, out: str | Path, prefix: str, cycle: int,
+               meta: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write encoder, classifier and state of `cycle`; the state file last."""
+    paths = cycle_paths(out, prefix, cycle)
+    for part in ("encoder", "classifier"):
+        model = getattr(trainer, part)
+        atomic_write(paths[part], lambda tmp, m=model: m.save(tmp))
+    record = {"cycle": cycle, **(meta or {})}
+    arrays = trainer.training_state()
+
+    def write_state(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(record)), **arrays)
+    atomic_write(paths["state"], write_state)
+    return paths
+
+
+def load_model_file(path: str | Path, what: str) -> keras.Model:
+    """Load a .keras (or legacy .h5) model with a one-line error on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise DQCError(f"{path}: {what} model file not found")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for a bad file
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DQCError(f"{path}: cannot load {what} model ({reason})") from None
+
+
+def load_trainer(encoder_path: str | Path, classifier_path: str | Path,
+                 **trainer_kwargs) -> tuple[Trainer, dict[str, Any]]:
+    """A Trainer from saved files, with the optimizer state when its state file exists.
+
+    Returns the trainer and the state's `meta` record ({} when there is no state file:
+    then a fresh optimizer is used, with a warning).
+    """
+    encoder = load_model_file(encoder_path, "encoder")
+    classifier = load_model_file(classifier_path, "classifier")
+    if int(encoder.output.shape[-1]) != int(classifier.input.shape[-1]):
+        raise DQCError(f"{classifier_path}: classifier takes {classifier.input.shape[-1]} "
+                       f"features but the encoder gives {encoder.output.shape[-1]}")
+    trainer = Trainer(encoder, classifier, **trainer_kwargs)
+    state = state_path_for(classifier_path)
+    if not state.is_file():
+        warnings.warn(f"{state} not found: continuing with a fresh optimizer state")
+        return trainer, {}
+    meta, arrays = read_state(state)
+    try:
+        trainer.load_training_state(arrays)
+    except ValueError as exc:
+        raise DQCError(f"{state}: does not fit these models ({exc})") from None
+    return trainer, meta
+
+
+def read_state(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in data.files if k != "meta"}
+    except Exception as exc:
+        raise DQCError(f"{path}: cannot read training state ({type(exc).__name__})") from None
+    return meta, arrays
+
+
+def last_complete_cycle(out: str | Path, prefix: str) -> int | None:
+    """The highest cycle of PREFIX in OUT whose three files all exist, or None."""
+    cycles = []
+    for state in Path(out).glob(f"{prefix}_state_*.npz"):
+        match = re.fullmatch(rf"{re.escape(prefix)}_state_(\d+)", state.stem)
+        if match and all(p.is_file() for p in cycle_paths(out, prefix, int(match[1])).values()):
+            cycles.append(int(match[1]))
+    return max(cycles) if cycles else None

@@ -1,0 +1,62 @@
+"""The SFCN-like 3D CNN of the paper: an encoder and a one-unit sigmoid classifier.
+
+The encoder and the classifier are two Keras models (the authors save them as two files per
+cycle); training uses the two stacked as one model with one Adam optimizer, which is
+mathematically the same as the authors' one Adam per part.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+DEFAULT_SHAPE = (160, 192, 160)
+FILTERS = (32, 64, 128, 256, 256)
+
+
+def build_encoder(shape: tuple[int, int, int] = DEFAULT_SHAPE) -> keras.Model:
+    """Five Conv3D-BN-MaxPool-ReLU blocks, a 1x1x1 Conv3D(64)-BN-ReLU, AvgPool, Dropout, Flatten.
+
+    The final 2x2x2 average pool uses `valid` padding as in the original; only for inputs so
+    small that the feature map has a side shorter than 2 (below 33 voxels) it pads (`same`),
+    otherwise the output would be empty. Tests use such tiny volumes.
+    """
+    inputs = keras.Input((*shape, 1), name="image")
+    x = inputs
+    for i, filters in enumerate(FILTERS):
+        x = layers.Conv3D(filters, 3, padding="same", name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.MaxPooling3D(2, strides=2, padding="same", name=f"pool{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+    x = layers.Conv3D(64, 1, padding="same", name="conv_out")(x)
+    x = layers.BatchNormalization(name="bn_out")(x)
+    x = layers.ReLU(name="relu_out")(x)
+    pad = "valid" if min(x.shape[1:4]) >= 2 else "same"
+    x = layers.AveragePooling3D(2, padding=pad, name="avgpool")(x)
+    x = layers.Dropout(0.2, name="dropout")(x)
+    x = layers.Flatten(name="flatten")(x)
+    return keras.Model(inputs, x, name="encoder")
+
+
+def build_classifier(features: int) -> keras.Model:
+    """Dense(1, sigmoid) on the encoder output: the probability of PD."""
+    inputs = keras.Input((features,), name="features")
+    return keras.Model(inputs, layers.Dense(1, activation="sigmoid", name="pd")(inputs),
+                       name="classifier")
+
+
+def build_models(shape: tuple[int, int, int] = DEFAULT_SHAPE) -> tuple[keras.Model, keras.Model]:
+    """A fresh (encoder, classifier) pair for (x, y, z) volumes of `shape`."""
+    encoder = build_encoder(shape)
+    return encoder, build_classifier(int(encoder.output.shape[-1]))
+
+
+def stack(encoder: keras.Model, classifier: keras.Model) -> keras.Model:
+    """The end-to-end model image -> P(PD) that shares its layers with both parts."""
+    inputs = keras.Input(encoder.input.shape[1:], name="image")
+    return keras.Model(inputs, classifier(encoder(inputs)), name="sfcn")
+
+
+def input_shape(encoder: keras.Model) -> tuple[int, int, int]:
+    """The (x, y, z) volume shape an encoder takes."""
+    return tuple(int(s) for s in encoder.input.shape[1:4])  # type: ignore[return-value]

@@ -1,0 +1,229 @@
+"""The three training runs of the paper, wired from the shared pieces.
+
+`train_cycles` is the standard travelling model (fresh model) and the dirty baseline (loaded
+model); `run_quality_control` adds the QC policy. All use `travel.run_cycle`, write each cycle
+atomically through `checkpoint.save_cycle`, and resume from the last complete cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import pandas as pd
+
+from dqc import checkpoint, qc_report
+from dqc.data import image_shape, load_table, require_both_classes
+from dqc.errors import DQCError
+from dqc.model import build_models, input_shape
+from dqc.qc import (Evaluation, QCState, QualityControl, evaluate_predictions,
+                    per_image_tolerance_problems)
+from dqc.trainer import Trainer, predict_subjects
+from dqc.travel import CycleStats, centers_of, local_step, run_cycle
+from dqc.volumes import VolumeStore
+
+
+@dataclass
+class RunSpec:
+    """What a training run needs, whatever its kind."""
+
+    train_csv: str
+    out: str
+    prefix: str
+    cycles: range
+    seed: int
+    batch_size: int = 5
+    epochs: int = 1
+    encoder: str | None = None      # continue from these files (dirty / QC runs)
+    classifier: str | None = None
+    image_shape: tuple[int, int, int] | None = None
+    resume: bool = False
+    cache: bool = True
+    cache_mb: float | None = None
+    eval_batch_size: int = 16
+    mixed_precision: bool = False
+    verbose: bool = True
+    echo: Callable[[str], None] = field(default=print)
+
+
+def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
+    """Seed Keras/numpy/python and pick the compute precision (float32 unless asked)."""
+    if mixed_precision:
+        gpu = keras.backend.backend() == "jax" and _jax_has_gpu()
+        keras.mixed_precision.set_dtype_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    else:
+        keras.mixed_precision.set_dtype_policy("float32")
+    keras.utils.set_random_seed(seed)
+
+
+def _jax_has_gpu() -> bool:
+    import jax
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
+def _start(spec: RunSpec) -> tuple[Trainer, int, dict]:
+    """The trainer to continue with, the first cycle to run and the state's meta record."""
+    setup_runtime(spec.seed, spec.mixed_precision)
+    last = checkpoint.last_complete_cycle(spec.out, spec.prefix) if spec.resume else None
+    if last is not None and last >= spec.cycles.start:
+        paths = checkpoint.cycle_paths(spec.out, spec.prefix, last)
+        trainer, meta = checkpoint.load_trainer(paths["encoder"], paths["classifier"],
+                                                eval_batch_size=spec.eval_batch_size)
+        spec.echo(f"resuming after cycle {last} from {paths['state']}")
+        return trainer, last + 1, meta
+    if spec.encoder or spec.classifier:
+        if not (spec.encoder and spec.classifier):
+            raise DQCError("give both -en (encoder) and -pd (classifier) model files")
+        trainer, meta = checkpoint.load_trainer(spec.encoder, spec.classifier,
+                                                eval_batch_size=spec.eval_batch_size)
+        return trainer, spec.cycles.start, {}
+    shape = spec.image_shape
+    if shape is None:
+        first = load_table(spec.train_csv, "train", check_files=True).iloc[0]
+        shape = image_shape(first.Path, first.Subject)
+    encoder, classifier = build_models(shape)
+    return Trainer(encoder, classifier, eval_batch_size=spec.eval_batch_size), spec.cycles.start, {}
+
+
+def _training_data(spec: RunSpec, trainer: Trainer) -> tuple[pd.DataFrame, VolumeStore]:
+    table = load_table(spec.train_csv, "train")
+    store = VolumeStore(table, input_shape(trainer.encoder), cache=spec.cache,
+                        budget_mb=spec.cache_mb, desc="training images", verbose=spec.verbose)
+    return table, store
+
+
+def _check_cycles(spec: RunSpec) -> None:
+    if len(spec.cycles) == 0:
+        raise DQCError(f"-cycles {spec.cycles.stop} leaves nothing to train after start cycle "
+                       f"{spec.cycles.start}")
+    if spec.batch_size < 1 or spec.epochs < 1:
+        raise DQCError("-batch_size and -epochs must be at least 1")
+
+
+def train_cycles(spec: RunSpec) -> list[CycleStats]:
+    """Standard travelling model (fresh) or dirty baseline (from -en/-pd), no quality control."""
+    _check_cycles(spec)
+    trainer, first, _ = _start(spec)
+    table, store = _training_data(spec, trainer)
+    centers = centers_of(table)
+    step = local_step(trainer, store)
+    history = []
+    for cycle in range(first, spec.cycles.stop):
+        stats = run_cycle(trainer, centers, cycle, step, seed=spec.seed,
+                          batch_size=spec.batch_size, epochs=spec.epochs, verbose=spec.verbose)
+        checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle,
+                              {"seed": spec.seed, "learning_rate": stats.learning_rate})
+        spec.echo(stats.line())
+        history.append(stats)
+    return history
+
+
+# --- quality control ---------------------------------------------------------------------
+
+@dataclass
+class QCSpec:
+    """The QC run's own settings on top of a `RunSpec`."""
+
+    val_csv: str
+    error: float = 0.02
+    revisit: int = 2
+    name: str = "qc"
+    legacy_rates: bool = False
+
+
+def validation_evaluator(trainer: Trainer, store: VolumeStore, subjects: Sequence[str],
+                         legacy_rates: bool = False) -> Callable[[Sequence[str]], Evaluation]:
+    """The server's check: predict the whole validation set in batches, count errors."""
+    y = store.y(subjects)
+
+    def evaluate(update_ids: Sequence[str]) -> Evaluation:
+        return evaluate_predictions(y, predict_subjects(trainer, store, subjects),
+                                    legacy_rates=legacy_rates)
+    return evaluate
+
+
+def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, train: pd.DataFrame,
+                     val: pd.DataFrame) -> None:
+    if qspec.revisit < 1:
+        raise DQCError(f"-revisit must be at least 1, got {qspec.revisit}")
+    if qspec.error < 0:
+        raise DQCError(f"-error must be 0 or more, got {qspec.error}")
+    if spec.cycles.stop <= spec.cycles.start:
+        raise DQCError(f"-cycles {spec.cycles.stop} must be greater than the start cycle "
+                       f"{spec.cycles.start}")
+    require_both_classes(val, qspec.val_csv)
+    both = sorted(set(train.Subject) & set(val.Subject))
+    if both:
+        shown = ", ".join(both[:10]) + (f" and {len(both) - 10} more" if len(both) > 10 else "")
+        spec.echo(f"warning: {len(both)} image(s) are in both the training and the validation "
+                  f"CSV: {shown}")
+    n_pd = int(val.Group_bin.sum())
+    for problem in per_image_tolerance_problems(len(val) - n_pd, n_pd, qspec.error,
+                                                qspec.legacy_rates):
+        spec.echo(f"warning: validation set too small for -error {qspec.error}: {problem}; "
+                  "every single-image check is then zero-tolerance and good images get "
+                  "eliminated for one flipped prediction")
+
+
+def run_quality_control(spec: RunSpec, qspec: QCSpec,
+                        evaluate: Callable[[Sequence[str]], Evaluation] | None = None
+                        ) -> QualityControl:
+    """The travelling model with verification, revisit and elimination (ALGORITHM.md).
+
+    `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
+    """
+    train = load_table(spec.train_csv, "train")
+    val = load_table(qspec.val_csv, "validation")
+    _check_qc_inputs(spec, qspec, train, val)
+    trainer, first, meta = _start(spec)
+    table, store = _training_data(spec, trainer)
+    val_store = VolumeStore(val, input_shape(trainer.encoder), desc="validation images",
+                            verbose=spec.verbose)
+    evaluate = evaluate or validation_evaluator(trainer, val_store, list(val.Subject),
+                                                qspec.legacy_rates)
+    resumed = "qc" in meta and first > spec.cycles.start
+    policy = QualityControl(local_step(trainer, store), evaluate, trainer.snapshot,
+                            trainer.restore, error=qspec.error, revisit=qspec.revisit,
+                            studies=dict(zip(table.Subject, table.Study)),
+                            state=QCState.from_json(meta["qc"]) if resumed else None,
+                            on_event=spec.echo)
+    if not resumed:
+        policy.baseline()
+    centers = centers_of(table)
+    out = Path(spec.out)
+    for cycle in range(first, spec.cycles.stop):
+        start = time.perf_counter()
+        policy.cycle = cycle
+        stats = run_cycle(trainer, centers, cycle, policy.verify_batch, seed=spec.seed,
+                          batch_size=spec.batch_size, epochs=spec.epochs,
+                          select=policy.select, verbose=spec.verbose)
+        policy.revisit_pass()
+        qc_report.write_log(policy, out / f"{qspec.name}.csv")
+        checkpoint.save_cycle(trainer, out, spec.prefix, cycle,
+                              {"seed": spec.seed, "learning_rate": stats.learning_rate,
+                               "qc": policy.state.to_json()})
+        spec.echo(qc_report.cycle_line(policy, cycle, stats, time.perf_counter() - start))
+    qc_report.write_outputs(policy, table, out, qspec.name, spec.cycles)
+    spec.echo(qc_report.summary_table(policy, table))
+    return policy
+
+
+def cycle_seconds(history: list[CycleStats]) -> float:
+    return float(np.mean([h.seconds for h in history])) if history else float("nan")
+
+
+def dump_json(path: str | Path, data: dict) -> None:
+    checkpoint.write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,115 @@
+"""The travelling loop, written once: cycles -> centers -> local epochs -> batches.
+
+The model visits the centers one after the other, in an order reshuffled every cycle with a
+seed derived from the cycle (the authors seed numpy with 40 + c for the standard run and
+42 + c for the dirty and QC runs). At a center of n images it runs E local epochs of
+floor(n / min(B, n)) batches. What happens with a batch is a `Step`: a plain training step for
+the standard and dirty runs, verification for quality control, or a round trip to another
+machine. Each cycle's random stream is seeded by the cycle alone, so a run resumed at a cycle
+boundary makes exactly the same choices as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
+from dqc.progress import bar
+from dqc.trainer import Trainer, learning_rate
+
+#: A training step at a center: (center, subject ids) -> (loss, accuracy) of that batch.
+Step = Callable[[str, list[str]], tuple[float, float]]
+#: Which of a center's images take part this cycle: (center, ids) -> ids.
+Select = Callable[[str, list[str]], list[str]]
+
+
+class Batches(Protocol):
+    def batch(self, subjects: Sequence[str]) -> np.ndarray: ...
+    def y(self, subjects: Sequence[str]) -> np.ndarray: ...
+
+
+def centers_of(table: pd.DataFrame) -> dict[str, list[str]]:
+    """Study -> subject ids, centers and images in order of first appearance in the CSV."""
+    return {str(k): list(v) for k, v in table.groupby("Study", sort=False)["Subject"]}
+
+
+def cycle_rng(seed: int, cycle: int) -> np.random.RandomState:
+    """The random stream of one cycle (the authors' `np.random.seed(seed + cycle)`)."""
+    return np.random.RandomState(seed + cycle)
+
+
+def center_order(centers: Sequence[str], rng: np.random.RandomState) -> list[str]:
+    return [centers[i] for i in rng.permutation(len(centers))]
+
+
+def split_batches(ids: Sequence[str], batch_size: int,
+                  rng: np.random.RandomState) -> list[list[str]]:
+    """Shuffle, batch size min(B, n), floor(n / batch size) batches (the remainder is dropped)."""
+    n = len(ids)
+    if n == 0:
+        return []
+    size = min(batch_size, n)
+    shuffled = [ids[i] for i in rng.permutation(n)]
+    return [shuffled[i * size:(i + 1) * size] for i in range(n // size)]
+
+
+def cycle_batches(centers: dict[str, list[str]], rng: np.random.RandomState, batch_size: int,
+                  epochs: int = 1, select: Select | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(center, batch) in travelling order. `select` is asked when the model reaches a center."""
+    for center in center_order(list(centers), rng):
+        ids = select(center, centers[center]) if select else centers[center]
+        if not ids:
+            continue
+        for _ in range(epochs):
+            yield from ((center, b) for b in split_batches(ids, batch_size, rng))
+
+
+def local_step(trainer: Trainer, store: Batches) -> Step:
+    """Train one step on images held on this machine."""
+    def step(center: str, ids: list[str]) -> tuple[float, float]:
+        return trainer.train_step(store.batch(ids), store.y(ids))
+    return step
+
+
+@dataclass
+class CycleStats:
+    cycle: int
+    batches: int
+    images: int
+    loss: float
+    accuracy: float
+    seconds: float
+    learning_rate: float
+
+    def line(self) -> str:
+        return (f"cycle {self.cycle:3d}  loss {self.loss:.4f}  train acc {self.accuracy:.3f}  "
+                f"{self.images} images in {self.batches} batches  lr {self.learning_rate:.2e}  "
+                f"{self.seconds:.1f} s")
+
+
+def run_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step: Step, *,
+              seed: int, batch_size: int, epochs: int = 1, select: Select | None = None,
+              verbose: bool = True) -> CycleStats:
+    """One cycle of the travelling model: set the cycle's learning rate, visit every center."""
+    start = time.perf_counter()
+    lr = learning_rate(cycle)
+    trainer.set_learning_rate(lr)
+    total_images = sum(len(v) for v in centers.values()) * epochs
+    progress = bar(total_images, desc=f"cycle {cycle}", disable=not verbose)
+    loss_sum = acc_sum = 0.0
+    images = batches = 0
+    for center, ids in cycle_batches(centers, cycle_rng(seed, cycle), batch_size, epochs, select):
+        loss, acc = step(center, ids)
+        loss_sum += loss * len(ids)
+        acc_sum += acc * len(ids)
+        images += len(ids)
+        batches += 1
+        progress.update(len(ids))
+        progress.set_postfix_str(f"{center} loss {loss_sum / images:.3f}", refresh=False)
+    progress.close()
+    return CycleStats(cycle, batches, images, loss_sum / max(images, 1), acc_sum / max(images, 1),
+                      time.perf_counter() - start, lr)

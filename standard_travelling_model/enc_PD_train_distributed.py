@@ -1,0 +1,45 @@
+"""Standard travelling model: train the encoder + classifier across centers, no quality control.
+
+Gives the clean baseline and the pre-trained model (the paper pre-trains cycles 0..9):
+
+    python enc_PD_train_distributed.py -fn_train ./training_set.csv -cycles 30 -epochs 1 -batch_size 5
+"""
+
+from dqc.cli import quiet_backend
+
+quiet_backend()
+
+from dqc.cli import Parser, add_run_flags, run_main  # noqa: E402
+from dqc.data import parse_shape  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-fn_train", required=True, help="training CSV (Subject, Study, Path, "
+                   "Group_bin); relative paths resolve against the CSV's folder")
+    p.add_argument("-cycles", type=int, required=True, help="number of cycles; trains cycles "
+                   "0..cycles-1, each visiting every center once")
+    p.add_argument("-epochs", type=int, default=1, help="local epochs at each center")
+    p.add_argument("-batch_size", type=int, default=5, help="batch size; a center with fewer "
+                   "images uses all of them as one batch")
+    p.add_argument("--image-shape", default=None, help="model input XxYxZ, e.g. 40x48x40 "
+                   "(default: the size of the first image)")
+    add_run_flags(p, seed=40, prefix="tm")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from dqc.runs import RunSpec, train_cycles
+
+    args = parse_args(argv)
+    spec = RunSpec(train_csv=args.fn_train, out=args.out, prefix=args.prefix,
+                   cycles=range(0, args.cycles), seed=args.seed, batch_size=args.batch_size,
+                   epochs=args.epochs, resume=args.resume, cache=not args.no_cache,
+                   cache_mb=args.cache_mb, eval_batch_size=args.eval_batch_size,
+                   mixed_precision=args.mixed_precision, verbose=not args.quiet,
+                   image_shape=parse_shape(args.image_shape) if args.image_shape else None)
+    train_cycles(spec)
+
+
+if __name__ == "__main__":
+    run_main(main)
