@@ -1,0 +1,46 @@
+"""Dirty baseline: continue the pre-trained travelling model on data with harmful images, no QC.
+
+Shows how much harmful data hurts when nobody checks it:
+
+    python enc_PD_train_dirt_baseline.py -fn_train ./training_set.csv -en ./path_pretrained_encoder \
+        -pd ./path_pretrained_classifier -cycles 30 -epochs 1 -batch_size 5
+"""
+
+from dqc.cli import quiet_backend
+
+quiet_backend()
+
+from dqc.cli import Parser, add_run_flags, run_main  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-fn_train", required=True, help="training CSV including the harmful images")
+    p.add_argument("-en", required=True, help="pre-trained encoder file (.keras or .h5)")
+    p.add_argument("-pd", required=True, help="pre-trained classifier file (.keras or .h5); "
+                   "its PREFIX_state_CCC.npz beside it carries the optimizer state")
+    p.add_argument("-cycles", type=int, required=True, help="train cycles START..cycles-1")
+    p.add_argument("-epochs", type=int, default=1, help="local epochs at each center")
+    p.add_argument("-batch_size", type=int, default=5, help="batch size (min(B, n) at a center "
+                   "of n images)")
+    p.add_argument("--start-cycle", type=int, default=10, help="first cycle (the pre-trained "
+                   "model ends at START-1)")
+    add_run_flags(p, seed=42, prefix="dirty")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from dqc.runs import RunSpec, train_cycles
+
+    args = parse_args(argv)
+    spec = RunSpec(train_csv=args.fn_train, out=args.out, prefix=args.prefix,
+                   cycles=range(args.start_cycle, args.cycles), seed=args.seed,
+                   batch_size=args.batch_size, epochs=args.epochs, encoder=args.en,
+                   classifier=args.pd, resume=args.resume, cache=not args.no_cache,
+                   cache_mb=args.cache_mb, eval_batch_size=args.eval_batch_size,
+                   mixed_precision=args.mixed_precision, verbose=not args.quiet)
+    train_cycles(spec)
+
+
+if __name__ == "__main__":
+    run_main(main)
