@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from dqc.errors import DQCError
+from dqc.model import in_current_precision
 from dqc.trainer import Trainer
 
 CYCLE_DIGITS = 3
@@ -100,7 +101,7 @@ def load_trainer(encoder_path: str | Path, classifier_path: str | Path,
     if int(encoder.output.shape[-1]) != int(classifier.input.shape[-1]):
         raise DQCError(f"{classifier_path}: classifier takes {classifier.input.shape[-1]} "
                        f"features but the encoder gives {encoder.output.shape[-1]}")
-    trainer = Trainer(encoder, classifier, **trainer_kwargs)
+    trainer = Trainer(*in_current_precision(encoder, classifier), **trainer_kwargs)
     state = state_path_for(classifier_path)
     if not state.is_file():
         warnings.warn(f"{state} not found: continuing with a fresh optimizer state")

@@ -77,8 +77,10 @@ def _binary_column(table: pd.DataFrame, column: str, csv: Path) -> pd.Series:
     bad = ~values.isin([0, 1])
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
+        value = table[column].iloc[row]
+        value = value.item() if isinstance(value, np.generic) else value  # 2, not np.int64(2)
         raise DQCError(f"{_where(csv, row, table.Subject.iloc[row])}: {column} must be 0 or 1, "
-                       f"got {table[column].iloc[row]!r}")
+                       f"got {value!r}")
     return values.astype(int)
 
 

@@ -39,10 +39,14 @@ def build_encoder(shape: tuple[int, int, int] = DEFAULT_SHAPE) -> keras.Model:
 
 
 def build_classifier(features: int) -> keras.Model:
-    """Dense(1, sigmoid) on the encoder output: the probability of PD."""
+    """Dense(1, sigmoid) on the encoder output: the probability of PD.
+
+    The output layer always computes in float32, so that under mixed precision the
+    probabilities and the loss keep full precision (the usual Keras practice).
+    """
     inputs = keras.Input((features,), name="features")
-    return keras.Model(inputs, layers.Dense(1, activation="sigmoid", name="pd")(inputs),
-                       name="classifier")
+    head = layers.Dense(1, activation="sigmoid", dtype="float32", name="pd")
+    return keras.Model(inputs, head(inputs), name="classifier")
 
 
 def build_models(shape: tuple[int, int, int] = DEFAULT_SHAPE) -> tuple[keras.Model, keras.Model]:
@@ -60,3 +64,18 @@ def stack(encoder: keras.Model, classifier: keras.Model) -> keras.Model:
 def input_shape(encoder: keras.Model) -> tuple[int, int, int]:
     """The (x, y, z) volume shape an encoder takes."""
     return tuple(int(s) for s in encoder.input.shape[1:4])  # type: ignore[return-value]
+
+
+def in_current_precision(encoder: keras.Model,
+                         classifier: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """The same weights in models built under the global dtype policy (float32 or mixed).
+
+    A saved model keeps the policy it was trained with; a run that asks for another one
+    rebuilds the layers and copies the weights.
+    """
+    if encoder.dtype_policy.name == keras.config.dtype_policy().name:
+        return encoder, classifier
+    new_encoder, new_classifier = build_models(input_shape(encoder))
+    new_encoder.set_weights(encoder.get_weights())
+    new_classifier.set_weights(classifier.get_weights())
+    return new_encoder, new_classifier

@@ -8,7 +8,6 @@ atomically through `checkpoint.save_cycle`, and resume from the last complete cy
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +24,7 @@ from dqc.qc import (Evaluation, QCState, QualityControl, evaluate_predictions,
                     per_image_tolerance_problems)
 from dqc.trainer import Trainer, predict_subjects
 from dqc.travel import CycleStats, centers_of, local_step, run_cycle
+from dqc.timing import Timings
 from dqc.volumes import VolumeStore
 
 
@@ -49,21 +49,20 @@ class RunSpec:
     mixed_precision: bool = False
     verbose: bool = True
     echo: Callable[[str], None] = field(default=print)
+    naive: bool = False             # benchmark only: the authors' way (see dqc.bench)
+    timings: Timings | None = None  # where the time goes, for the benchmark
+
+    def trainer_options(self) -> dict:
+        return {"eval_batch_size": 1 if self.naive else self.eval_batch_size,
+                "host_snapshots": self.naive}
 
 
 def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
     """Seed Keras/numpy/python and pick the compute precision (float32 unless asked)."""
-    if mixed_precision:
-        gpu = keras.backend.backend() == "jax" and _jax_has_gpu()
-        keras.mixed_precision.set_dtype_policy("mixed_float16" if gpu else "mixed_bfloat16")
-    else:
-        keras.mixed_precision.set_dtype_policy("float32")
+    # bfloat16 needs no loss scaling, so the optimizer state has the same variables in both
+    # precisions and a float32 checkpoint continues under mixed precision and back.
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
     keras.utils.set_random_seed(seed)
-
-
-def _jax_has_gpu() -> bool:
-    import jax
-    return any(d.platform == "gpu" for d in jax.devices())
 
 
 def _start(spec: RunSpec) -> tuple[Trainer, int, dict]:
@@ -73,28 +72,30 @@ def _start(spec: RunSpec) -> tuple[Trainer, int, dict]:
     if last is not None and last >= spec.cycles.start:
         paths = checkpoint.cycle_paths(spec.out, spec.prefix, last)
         trainer, meta = checkpoint.load_trainer(paths["encoder"], paths["classifier"],
-                                                eval_batch_size=spec.eval_batch_size)
+                                                **spec.trainer_options())
         spec.echo(f"resuming after cycle {last} from {paths['state']}")
         return trainer, last + 1, meta
     if spec.encoder or spec.classifier:
         if not (spec.encoder and spec.classifier):
             raise DQCError("give both -en (encoder) and -pd (classifier) model files")
         trainer, meta = checkpoint.load_trainer(spec.encoder, spec.classifier,
-                                                eval_batch_size=spec.eval_batch_size)
+                                                **spec.trainer_options())
         return trainer, spec.cycles.start, {}
     shape = spec.image_shape
     if shape is None:
         first = load_table(spec.train_csv, "train", check_files=True).iloc[0]
         shape = image_shape(first.Path, first.Subject)
     encoder, classifier = build_models(shape)
-    return Trainer(encoder, classifier, eval_batch_size=spec.eval_batch_size), spec.cycles.start, {}
+    return Trainer(encoder, classifier, **spec.trainer_options()), spec.cycles.start, {}
 
 
-def _training_data(spec: RunSpec, trainer: Trainer) -> tuple[pd.DataFrame, VolumeStore]:
-    table = load_table(spec.train_csv, "train")
-    store = VolumeStore(table, input_shape(trainer.encoder), cache=spec.cache,
-                        budget_mb=spec.cache_mb, desc="training images", verbose=spec.verbose)
-    return table, store
+def _store(spec: RunSpec, trainer: Trainer, table: pd.DataFrame, desc: str) -> VolumeStore:
+    return VolumeStore(table, input_shape(trainer.encoder), cache=spec.cache and not spec.naive,
+                       budget_mb=spec.cache_mb, desc=desc, verbose=spec.verbose)
+
+
+def _prefetch(spec: RunSpec, store: VolumeStore) -> Callable[[list[str]], None] | None:
+    return None if spec.naive else store.prefetch
 
 
 def _check_cycles(spec: RunSpec) -> None:
@@ -108,14 +109,16 @@ def _check_cycles(spec: RunSpec) -> None:
 def train_cycles(spec: RunSpec) -> list[CycleStats]:
     """Standard travelling model (fresh) or dirty baseline (from -en/-pd), no quality control."""
     _check_cycles(spec)
+    table = load_table(spec.train_csv, "train")
     trainer, first, _ = _start(spec)
-    table, store = _training_data(spec, trainer)
+    store = _store(spec, trainer, table, "training images")
     centers = centers_of(table)
-    step = local_step(trainer, store)
+    step = local_step(trainer, store, spec.timings)
     history = []
     for cycle in range(first, spec.cycles.stop):
         stats = run_cycle(trainer, centers, cycle, step, seed=spec.seed,
-                          batch_size=spec.batch_size, epochs=spec.epochs, verbose=spec.verbose)
+                          batch_size=spec.batch_size, epochs=spec.epochs,
+                          prefetch=_prefetch(spec, store), verbose=spec.verbose)
         checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle,
                               {"seed": spec.seed, "learning_rate": stats.learning_rate})
         spec.echo(stats.line())
@@ -137,12 +140,13 @@ class QCSpec:
 
 
 def validation_evaluator(trainer: Trainer, store: VolumeStore, subjects: Sequence[str],
-                         legacy_rates: bool = False) -> Callable[[Sequence[str]], Evaluation]:
+                         legacy_rates: bool = False, timings: Timings | None = None
+                         ) -> Callable[[Sequence[str]], Evaluation]:
     """The server's check: predict the whole validation set in batches, count errors."""
     y = store.y(subjects)
 
     def evaluate(update_ids: Sequence[str]) -> Evaluation:
-        return evaluate_predictions(y, predict_subjects(trainer, store, subjects),
+        return evaluate_predictions(y, predict_subjects(trainer, store, subjects, timings),
                                     legacy_rates=legacy_rates)
     return evaluate
 
@@ -181,13 +185,12 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     val = load_table(qspec.val_csv, "validation")
     _check_qc_inputs(spec, qspec, train, val)
     trainer, first, meta = _start(spec)
-    table, store = _training_data(spec, trainer)
-    val_store = VolumeStore(val, input_shape(trainer.encoder), desc="validation images",
-                            verbose=spec.verbose)
+    table, store = train, _store(spec, trainer, train, "training images")
+    val_store = _store(spec, trainer, val, "validation images")
     evaluate = evaluate or validation_evaluator(trainer, val_store, list(val.Subject),
-                                                qspec.legacy_rates)
+                                                qspec.legacy_rates, spec.timings)
     resumed = "qc" in meta and first > spec.cycles.start
-    policy = QualityControl(local_step(trainer, store), evaluate, trainer.snapshot,
+    policy = QualityControl(local_step(trainer, store, spec.timings), evaluate, trainer.snapshot,
                             trainer.restore, error=qspec.error, revisit=qspec.revisit,
                             studies=dict(zip(table.Subject, table.Study)),
                             state=QCState.from_json(meta["qc"]) if resumed else None,
@@ -196,18 +199,20 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
         policy.baseline()
     centers = centers_of(table)
     out = Path(spec.out)
+    clock = spec.timings or Timings()
     for cycle in range(first, spec.cycles.stop):
-        start = time.perf_counter()
-        policy.cycle = cycle
-        stats = run_cycle(trainer, centers, cycle, policy.verify_batch, seed=spec.seed,
-                          batch_size=spec.batch_size, epochs=spec.epochs,
-                          select=policy.select, verbose=spec.verbose)
-        policy.revisit_pass()
+        with clock("cycle"):
+            policy.cycle = cycle
+            stats = run_cycle(trainer, centers, cycle, policy.verify_batch, seed=spec.seed,
+                              batch_size=spec.batch_size, epochs=spec.epochs,
+                              select=policy.select, prefetch=_prefetch(spec, store),
+                              verbose=spec.verbose)
+            policy.revisit_pass()
         qc_report.write_log(policy, out / f"{qspec.name}.csv")
         checkpoint.save_cycle(trainer, out, spec.prefix, cycle,
                               {"seed": spec.seed, "learning_rate": stats.learning_rate,
                                "qc": policy.state.to_json()})
-        spec.echo(qc_report.cycle_line(policy, cycle, stats, time.perf_counter() - start))
+        spec.echo(qc_report.cycle_line(policy, cycle, stats, clock.last("cycle")))
     qc_report.write_outputs(policy, table, out, qspec.name, spec.cycles)
     spec.echo(qc_report.summary_table(policy, table))
     return policy

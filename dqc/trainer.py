@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from dqc.model import stack
+from dqc.timing import Timings
 
 BASE_LEARNING_RATE = 1e-4
 
@@ -26,7 +27,7 @@ class Trainer:
     """The stacked encoder+classifier with one Adam optimizer and binary cross-entropy."""
 
     def __init__(self, encoder: keras.Model, classifier: keras.Model, eval_batch_size: int = 16,
-                 jit_compile: bool | str | None = None):
+                 jit_compile: bool | str | None = None, host_snapshots: bool = False):
         self.encoder, self.classifier = encoder, classifier
         self.model = stack(encoder, classifier)
         self.optimizer = keras.optimizers.Adam(learning_rate=BASE_LEARNING_RATE)
@@ -36,6 +37,7 @@ class Trainer:
                            metrics=["accuracy"], jit_compile=jit_compile)
         self.optimizer.build(self.model.trainable_variables)
         self.eval_batch_size = eval_batch_size
+        self.host_snapshots = host_snapshots  # the authors' way: copy weights to the host
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -76,7 +78,9 @@ class Trainer:
         return list(self.model.variables) + list(self.optimizer.variables)
 
     def snapshot(self) -> list:
-        """A copy of the state on the device (no host round trip)."""
+        """A copy of the state on the device (no host round trip unless `host_snapshots`)."""
+        if self.host_snapshots:
+            return [keras.ops.convert_to_numpy(v.value).copy() for v in self.state_variables]
         return [keras.ops.copy(v.value) for v in self.state_variables]
 
     def restore(self, snapshot: list) -> None:
@@ -101,8 +105,13 @@ class Trainer:
         return [v for v in self.state_variables if id(v) not in saved]
 
 
-def predict_subjects(trainer: Trainer, store, subjects: Sequence[str]) -> np.ndarray:
+def predict_subjects(trainer: Trainer, store, subjects: Sequence[str],
+                     timings: Timings | None = None) -> np.ndarray:
     """Scores for subjects of a `VolumeStore`, one batch of volumes in memory at a time."""
-    b = trainer.eval_batch_size
-    parts = [trainer.predict(store.batch(subjects[i:i + b])) for i in range(0, len(subjects), b)]
+    clock, b, parts = timings or Timings(), trainer.eval_batch_size, []
+    for i in range(0, len(subjects), b):
+        with clock("data"):
+            x = store.batch(subjects[i:i + b])
+        with clock("evaluate"):
+            parts.append(trainer.predict(x))
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)

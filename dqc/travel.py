@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from dqc.progress import bar
+from dqc.timing import Timings
 from dqc.trainer import Trainer, learning_rate
+
+T = TypeVar("T")
 
 #: A training step at a center: (center, subject ids) -> (loss, accuracy) of that batch.
 Step = Callable[[str, list[str]], tuple[float, float]]
@@ -68,10 +71,25 @@ def cycle_batches(centers: dict[str, list[str]], rng: np.random.RandomState, bat
             yield from ((center, b) for b in split_batches(ids, batch_size, rng))
 
 
-def local_step(trainer: Trainer, store: Batches) -> Step:
+def lookahead(items: Iterable[T]) -> Iterator[tuple[T, T | None]]:
+    """(item, next item or None): lets the next batch be read while this one trains."""
+    iterator = iter(items)
+    current = next(iterator, None)
+    while current is not None:
+        upcoming = next(iterator, None)
+        yield current, upcoming
+        current = upcoming
+
+
+def local_step(trainer: Trainer, store: Batches, timings: Timings | None = None) -> Step:
     """Train one step on images held on this machine."""
+    clock = timings or Timings()
+
     def step(center: str, ids: list[str]) -> tuple[float, float]:
-        return trainer.train_step(store.batch(ids), store.y(ids))
+        with clock("data"):
+            x, y = store.batch(ids), store.y(ids)
+        with clock("train"):
+            return trainer.train_step(x, y)
     return step
 
 
@@ -93,8 +111,14 @@ class CycleStats:
 
 def run_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step: Step, *,
               seed: int, batch_size: int, epochs: int = 1, select: Select | None = None,
+              prefetch: Callable[[list[str]], None] | None = None,
               verbose: bool = True) -> CycleStats:
-    """One cycle of the travelling model: set the cycle's learning rate, visit every center."""
+    """One cycle of the travelling model: set the cycle's learning rate, visit every center.
+
+    `prefetch(ids)` is told the next batch before the current one trains (images streamed
+    from disk are then read in the background). `select` for the next center is asked one
+    batch early; it only concerns that center's own images, so the answer is the same.
+    """
     start = time.perf_counter()
     lr = learning_rate(cycle)
     trainer.set_learning_rate(lr)
@@ -102,7 +126,10 @@ def run_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step:
     progress = bar(total_images, desc=f"cycle {cycle}", disable=not verbose)
     loss_sum = acc_sum = 0.0
     images = batches = 0
-    for center, ids in cycle_batches(centers, cycle_rng(seed, cycle), batch_size, epochs, select):
+    plan = cycle_batches(centers, cycle_rng(seed, cycle), batch_size, epochs, select)
+    for (center, ids), upcoming in lookahead(plan):
+        if prefetch and upcoming:
+            prefetch(upcoming[1])
         loss, acc = step(center, ids)
         loss_sum += loss * len(ids)
         acc_sum += acc * len(ids)

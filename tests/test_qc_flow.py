@@ -5,14 +5,16 @@ evaluation, which reports a rise in the false-negative rate whenever chosen subj
 the update. An independent oracle, written from ALGORITHM.md, predicts every log row.
 """
 
+import json
 from collections import Counter
 
 import pandas as pd
 import pytest
 
-from dqc.cohort import build_cohort
+from qc_setup import pretrained
+
 from dqc.qc import LOG_COLUMNS, Evaluation
-from dqc.runs import QCSpec, RunSpec, run_quality_control, train_cycles
+from dqc.runs import QCSpec, RunSpec, run_quality_control
 from dqc.travel import centers_of, cycle_batches, cycle_rng
 
 START, STOP, REVISIT, SEED = 1, 5, 2, 42
@@ -70,11 +72,7 @@ def oracle(centers: dict[str, list[str]], stand_in: StandIn) -> list[tuple]:
 @pytest.fixture(scope="module")
 def qc_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("qcflow")
-    cohort = build_cohort(root / "cohort", centers=6, n_train=24, n_val=12, n_test=6,
-                          downsample=8, seed=0, verbose=False)
-    quiet = dict(verbose=False, echo=lambda line: None)
-    train_cycles(RunSpec(train_csv=str(cohort["train"]), out=str(root / "pre"), prefix="tm",
-                         cycles=range(0, START), seed=40, **quiet))
+    cohort = pretrained(root, cycles=START)
     table = pd.read_csv(cohort["train"], dtype={"Subject": str})
     centers = centers_of(table)
     small = [c for c, ids in centers.items() if len(ids) <= 5]  # every image in every cycle
@@ -82,8 +80,7 @@ def qc_run(tmp_path_factory):
     events: list[str] = []
     spec = RunSpec(train_csv=str(cohort["train"]), out=str(root / "qc"), prefix="flow",
                    cycles=range(START, STOP), seed=SEED,
-                   encoder=str(root / "pre" / "tm_encoder_000.keras"),
-                   classifier=str(root / "pre" / "tm_classifier_000.keras"),
+                   encoder=str(cohort["encoder"]), classifier=str(cohort["classifier"]),
                    verbose=False, echo=events.append)
     stand_in = StandIn(always, once, late)
     run_quality_control(spec, QCSpec(val_csv=str(cohort["val"]), error=0.02, revisit=REVISIT,
@@ -137,7 +134,6 @@ def test_outputs_per_cycle(qc_run):
         for part in ("encoder", "classifier"):
             assert (out / f"flow_{part}_{cycle:03d}.keras").is_file()
         assert (out / f"flow_state_{cycle:03d}.npz").is_file()
-    import json
     summary = json.loads((out / "flow_summary.json").read_text())
     assert summary["eliminated"] == 1 and summary["pending"] == 1
     assert summary["evaluations"] == len(qc_run["expected"])

@@ -1,0 +1,85 @@
+"""Pictures that say more than tables: metrics across cycles, the QC log, image montages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dqc.checkpoint import atomic_write  # noqa: E402
+from dqc.data import image_to_array, read_image  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_runs(metrics: dict[str, pd.DataFrame], path: str | Path,
+              columns: tuple[str, ...] = ("accuracy", "auroc", "sensitivity", "specificity")
+              ) -> Path:
+    """Test metrics across cycles, one line per run (clean, dirty, QC, ...)."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.4), sharey=True)
+    for ax, column in zip(np.atleast_1d(axes), columns):
+        for name, frame in metrics.items():
+            ax.plot(frame["cycle"], frame[column], marker="o", ms=3, label=name)
+        ax.set_title(column)
+        ax.set_xlabel("cycle")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("test set")
+    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_qc_log(log: pd.DataFrame, images: pd.DataFrame, path: str | Path,
+                title: str = "quality control") -> Path:
+    """False-positive and false-negative rates over evaluations; undone and eliminated marked."""
+    log = log.reset_index(drop=True)
+    x = np.arange(len(log))
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    ax.plot(x, log.PFP, lw=1, label="false-positive rate")
+    ax.plot(x, log.PFN, lw=1, label="false-negative rate")
+    undone = log.Ignored == 1
+    ax.scatter(x[undone], log.PFN[undone], marker="x", color="crimson", s=18, zorder=3,
+               label="update undone (flagged)")
+    eliminated = set(images.loc[images.eliminated == 1, "Subject"].astype(str))
+    cycle_of = dict(zip(images.Subject.astype(str), images.eliminated_cycle))
+    elim = np.array([str(s) in eliminated and c == cycle_of.get(str(s)) and ig == 1
+                     for s, c, ig in zip(log.Subject, log.Cycle, log.Ignored)])
+    if elim.any():
+        ax.scatter(x[elim], log.PFN[elim], marker="v", color="black", s=40, zorder=4,
+                   label="eliminated")
+    cycles = log.Cycle.to_numpy()
+    for start in np.flatnonzero(np.r_[True, cycles[1:] != cycles[:-1]]):
+        ax.axvline(start, color="grey", lw=0.5, alpha=0.5)
+        ax.text(start, 1.01, str(cycles[start]), fontsize=7, color="grey",
+                transform=ax.get_xaxis_transform())
+    ax.set_xlabel("evaluation (cycle boundaries marked)")
+    ax.set_ylabel("rate on validation set")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, pad=14)
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
+    return _save(fig, path)
+
+
+def middle_slice(path: str | Path) -> np.ndarray:
+    """The middle axial (z) slice of a volume, oriented for display."""
+    array = image_to_array(read_image(path))
+    return np.rot90(array[:, :, array.shape[2] // 2])
+
+
+def plot_montage(panels: list[tuple[str, str | Path]], path: str | Path) -> Path:
+    """One middle slice per (title, image path), side by side, on a common 0..255 scale."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    for ax, (title, image) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(middle_slice(image), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    return _save(fig, path)

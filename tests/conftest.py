@@ -1,0 +1,234 @@
+"""Shared fixtures: one tiny synthetic cohort, bad inputs, and script runs started early.
+
+The standard script is slow to start (TensorFlow import, ~7 s of CPU), so every subprocess run
+the tests need is submitted at once, the first time any test asks for `script_runs`, and runs
+in the background while the in-process tests work. Tests that use `script_runs` are moved to
+the end of the session so that the other tests overlap with the subprocesses.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import runpy
+import subprocess
+import sys
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from dqc.cohort import build_cohort
+from dqc.data import array_to_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_DIR = ROOT / "standard_travelling_model"
+SCRIPT = SCRIPT_DIR / "enc_PD_train_distributed.py"
+TINY = dict(centers=4, n_train=24, n_val=12, n_test=8, downsample=8, seed=0)
+SHAPE = (20, 24, 20)
+MODEL_SUFFIXES = (".keras", ".npz", ".h5")
+
+
+# --- the cohort ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny cohort: 4 centers, 24/12/8 images of 20x24x20 voxels (relative Paths)."""
+    out = tmp_path_factory.mktemp("tiny_cohort")
+    return build_cohort(out, verbose=False, **TINY)
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BadCase:
+    """A broken input: the CSV to give and a regex its one-line error must match."""
+
+    csv: Path
+    message: str        # regex the error message must contain
+    table_error: bool   # True: load_table itself rejects it; False: only reading images does
+
+
+def _write(table: pd.DataFrame, path: Path) -> Path:
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bad_cases(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadCase]:
+    """One CSV per kind of broken input, built from the first 6 training rows (absolute Paths)."""
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    (folder / "images").mkdir()
+    good = pd.read_csv(cohort["train"], dtype={"Subject": str, "Study": str}).head(6)
+    good["Path"] = [str((Path(cohort["train"]).parent / p).resolve()) for p in good.Path]
+    subj = list(good.Subject)
+    cases: dict[str, BadCase] = {}
+
+    def case(name: str, table: pd.DataFrame | None, message: str, table_error: bool = True,
+             csv: Path | None = None) -> None:
+        path = csv if csv is not None else _write(table, folder / f"bad_{name}.csv")
+        cases[name] = BadCase(path, message, table_error)
+
+    case("missing_column", good.drop(columns="Group_bin"),
+         r"bad_missing_column\.csv: missing column\(s\) Group_bin ")
+    case("missing_csv", None, r"no_such_table\.csv: CSV file not found",
+         csv=folder / "no_such_table.csv")
+    dup = good.copy()
+    dup.loc[4, "Subject"] = subj[1]
+    case("duplicate_subject", dup,
+         rf"bad_duplicate_subject\.csv: row 6 \(subject {subj[1]}\): duplicate Subject")
+    two = good.copy()
+    two.loc[2, "Group_bin"] = 2
+    case("group_bin_2", two,
+         rf"bad_group_bin_2\.csv: row 4 \(subject {subj[2]}\): Group_bin must be 0 or 1, got 2$")
+    letter = good.copy()
+    letter["Group_bin"] = letter.Group_bin.astype(str)
+    letter.loc[3, "Group_bin"] = "x"
+    case("group_bin_x", letter,
+         rf"bad_group_bin_x\.csv: row 5 \(subject {subj[3]}\): Group_bin must be 0 or 1, "
+         r"got 'x'$")
+    missing = good.copy()
+    missing.loc[2, "Path"] = str(folder / "images" / "not_there.nii.gz")
+    case("missing_image", missing,
+         rf"bad_missing_image\.csv: row 4 \(subject {subj[2]}\): image file not found: "
+         r".*not_there\.nii\.gz")
+    header_only = good.head(0)
+    case("empty_csv", header_only, r"bad_empty_csv\.csv: no rows")
+    zero = folder / "bad_zero_bytes.csv"
+    zero.write_bytes(b"")
+    case("zero_byte_csv", None, r"bad_zero_bytes\.csv: not a readable CSV", csv=zero)
+
+    corrupt_image = folder / "images" / "corrupt.nii.gz"
+    corrupt_image.write_bytes(np.random.default_rng(1).bytes(3000))
+    corrupt = good.copy()
+    corrupt.loc[0, "Path"] = str(corrupt_image)  # the first row: the script reads it first
+    case("corrupt_image", corrupt,
+         rf"corrupt\.nii\.gz \(subject {subj[0]}\): cannot read image", table_error=False)
+    small_image = folder / "images" / "small.nii.gz"
+    sitk.WriteImage(array_to_image(np.zeros((10, 12, 10), np.uint8)), str(small_image))
+    small = good.copy()
+    small.loc[3, "Path"] = str(small_image)
+    case("wrong_shape", small,
+         rf"small\.nii\.gz \(subject {subj[3]}\): image shape 10x12x10 does not match the "
+         r"model input 20x24x20", table_error=False)
+    return cases
+
+
+# --- script runs -------------------------------------------------------------------------------
+
+@dataclass
+class ScriptRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    out: Path
+
+    def model_files(self) -> list[Path]:
+        if not self.out.exists():
+            return []
+        return sorted(p for p in self.out.rglob("*") if p.suffix in MODEL_SUFFIXES)
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+
+def run_script(args: list[str], cwd: Path, out: Path, script: str | Path = SCRIPT,
+               timeout: float = 300) -> ScriptRun:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return ScriptRun(done.returncode, done.stdout, done.stderr, out)
+
+
+@functools.lru_cache(maxsize=1)
+def _script_globals() -> dict:
+    """The standard script's module namespace (loaded once, not run as __main__)."""
+    return runpy.run_path(str(SCRIPT), run_name="standard_script_under_test")
+
+
+def call_script(argv: list[str], capsys: pytest.CaptureFixture, out: Path) -> ScriptRun:
+    """Run the script's entry point in this process, exactly as `__main__` does.
+
+    `run_main(main)` always ends in `sys.exit`; the exit status, stdout and stderr come back
+    like a subprocess's, without paying for another TensorFlow import.
+    """
+    script = _script_globals()
+    saved = warnings.showwarning  # run_main installs a one-line warning printer
+    try:
+        with pytest.raises(SystemExit) as info:
+            script["run_main"](lambda: script["main"](argv))
+    finally:
+        warnings.showwarning = saved
+    captured = capsys.readouterr()
+    code = info.value.code
+    return ScriptRun(0 if code is None else int(code), captured.out, captured.err, out)
+
+
+class ScriptRuns:
+    """Named script runs, all started in a small thread pool; `get(name)` waits for one."""
+
+    def __init__(self, workers: int = 2):
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._runs: dict[str, Future] = {}
+
+    def submit(self, name: str, args: list[str], cwd: Path, out: Path,
+               script: str | Path = SCRIPT) -> None:
+        self._runs[name] = self._pool.submit(run_script, args, cwd, out, script)
+
+    def get(self, name: str) -> ScriptRun:
+        return self._runs[name].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: Bad inputs also checked through a real subprocess (all of them are checked in-process
+#: through the script's `main`; a subprocess costs ~7 s of CPU for the TensorFlow import).
+SUBPROCESS_BAD_CASES = ("corrupt_image",)
+
+
+@pytest.fixture(scope="session")
+def script_runs(cohort: dict, bad_cases: dict[str, BadCase],
+                tmp_path_factory: pytest.TempPathFactory):
+    """Every standard-script subprocess the tests check, submitted at once (module docstring)."""
+    runs = ScriptRuns()
+    outs = tmp_path_factory.mktemp("script_runs")
+    train = Path(cohort["train"])
+    # the successful runs first: they take longest
+    runs.submit("from_root", ["-fn_train", str(train), "-cycles", "2", "--out",
+                              str(outs / "from_root"), "--quiet"], ROOT, outs / "from_root")
+    # inside the script's folder, with a relative CSV path whose rows hold relative Paths
+    runs.submit("from_script_dir", ["-fn_train", os.path.relpath(train, SCRIPT_DIR),
+                                    "-cycles", "1", "--out", str(outs / "from_script_dir"),
+                                    "--quiet"],
+                SCRIPT_DIR, outs / "from_script_dir", script=SCRIPT.name)
+    for name in SUBPROCESS_BAD_CASES:
+        out = outs / f"bad_{name}"
+        runs.submit(f"bad:{name}", ["-fn_train", str(bad_cases[name].csv), "-cycles", "1",
+                                    "--out", str(out), "--quiet"], ROOT, out)
+    yield runs
+    runs.close()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests that wait on script subprocesses last, and start those early."""
+    waits = [item for item in items if "script_runs" in getattr(item, "fixturenames", ())]
+    if waits:
+        rest = [item for item in items if item not in waits]
+        items[:] = rest + waits
+    config.stash[_WANTS_SCRIPTS] = bool(waits)
+
+
+_WANTS_SCRIPTS = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_script_runs_early(request: pytest.FixtureRequest) -> None:
+    if request.config.stash.get(_WANTS_SCRIPTS, False):
+        request.getfixturevalue("script_runs")
