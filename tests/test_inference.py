@@ -9,7 +9,7 @@ import runpy
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dqc.cli import run_main
 from dqc.cohort import build_cohort
 from dqc.errors import DQCError
 from dqc.inference import find_cycle_models, parse_cycles
@@ -132,38 +133,27 @@ def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def failures(small_cohort: dict, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[dict[str, subprocess.Popen]]:
-    """Runs that must fail before TensorFlow starts, started together (collected by the test)."""
+def bad_runs(small_cohort: dict, tmp_path_factory: pytest.TempPathFactory
+             ) -> dict[str, list[str]]:
+    """Arguments of runs that must fail before any model is loaded."""
     tmp = tmp_path_factory.mktemp("failures")
     dummy = _touch(tmp / "dummy", "tm_encoder_000.keras", "tm_classifier_000.keras")
     empty = _touch(tmp / "empty", "readme.txt")
     no_age = tmp / "no_age.csv"
     pd.read_csv(small_cohort["test"]).drop(columns="Age").to_csv(no_age, index=False)
     test = small_cohort["test"]
-    started = {
-        "missing model folder": _start("-fn", test, "-en", tmp / "nope", "-pd", tmp / "nope",
-                                       "-o", "x", "--out", tmp),
-        "no model files": _start("-fn", test, "-en", empty, "-pd", empty, "-o", "x",
-                                 "--out", tmp),
-        "no Age column": _start("-fn", no_age, "-en", dummy, "-pd", dummy, "-o", "x",
-                                "--out", tmp),
-        "bad --cycles": _start("-fn", test, "-en", dummy, "-pd", dummy, "-o", "x",
-                               "--out", tmp, "--cycles", "1-2"),
+    runs = {
+        "missing model folder": ["-fn", test, "-en", tmp / "nope", "-pd", tmp / "nope"],
+        "no model files": ["-fn", test, "-en", empty, "-pd", empty],
+        "no Age column": ["-fn", no_age, "-en", dummy, "-pd", dummy],
+        "bad --cycles": ["-fn", test, "-en", dummy, "-pd", dummy, "--cycles", "1-2"],
     }
-    yield started
-    for proc in started.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    return {case: [*map(str, args), "-o", "x", "--out", str(tmp)] for case, args in runs.items()}
 
 
 @pytest.fixture(scope="module")
-def models(small_cohort: dict, failures: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Cycles 0 and 1 of the standard travelling model, trained in this process.
-
-    Asks for `failures` only so that those quick runs go on while this trains.
-    """
+def models(small_cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cycles 0 and 1 of the standard travelling model, trained in this process."""
     out = tmp_path_factory.mktemp("models")
     _run_in_process(TRAIN, "-fn_train", small_cohort["train"], "-cycles", 2, "--out", out)
     return out
@@ -262,15 +252,31 @@ def test_readme_command_with_single_files_matches_the_folder_run(runs: Runs) -> 
     np.testing.assert_allclose(predictions["score"], folder["score"], rtol=0, atol=1e-6)
 
 
+def _assert_one_error_line(status: object, stderr: str, message: str) -> None:
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing model folder", "no such file or folder"),
     ("no model files", "no encoder files"),
     ("no Age column", "missing column(s) Age"),
     ("bad --cycles", "--cycles: expected START:END"),
 ])
-def test_errors_are_one_line(failures: dict, case: str, message: str) -> None:
-    result = _finish(failures[case])
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+def test_errors_are_one_line(bad_runs: dict, case: str, message: str,
+                             capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+                             ) -> None:
+    """Through `run_main(main)`, exactly what the script runs as __main__, in this process."""
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # run_main replaces it
+    main = _script_main(SCRIPT)
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: main(bad_runs[case]))
+    _assert_one_error_line(stop.value.code, capsys.readouterr().err, message)
+
+
+def test_error_from_a_real_process(bad_runs: dict) -> None:
+    """As a process: status 2 and the error line only (it comes before TensorFlow starts)."""
+    result = _finish(_start(*bad_runs["no Age column"]))
+    _assert_one_error_line(result.returncode, result.stderr, "missing column(s) Age")
