@@ -110,10 +110,21 @@ class Stages:
         from dqc.harmful import build_scenario
 
         c = self.config
-        counts = {"A": dict(whole_centers=c.whole_centers), "B": dict(single_images=c.single_images)}
+        counts = {"A": dict(centers=self.harmful_centers()),
+                  "B": dict(single_images=c.single_images)}
         build_scenario(self.cohort / "train.csv", self.out / f"scenario_{scenario}",
                        types=["inverted", "noise"], seed=c.seed, verbose=c.verbose,
                        **counts[scenario])
+
+    def harmful_centers(self) -> list[str]:
+        """Scenario A's wholly harmful centers: the 2nd..(K+1)th largest training centers.
+
+        On this cohort a few small harmful centers (about 10 of 200 images) changed nothing,
+        for the dirty baseline as for QC; large ones carry enough weight to matter. The very
+        largest center stays good so that the good data still dominates.
+        """
+        sizes = pd.read_csv(self.cohort / "train.csv", dtype={"Study": str}).Study.value_counts()
+        return sorted(sizes.index[1:1 + self.config.whole_centers])
 
     def _continued(self, scenario: str, kind: str, prefix: str) -> dict:
         p = self.pretrained()
