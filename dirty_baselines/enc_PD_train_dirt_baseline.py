@@ -14,7 +14,7 @@ from dqc.cli import Parser, add_run_flags, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("-fn_train", required=True, help="training CSV including the harmful images")
     p.add_argument("-en", required=True, help="pre-trained encoder file (.keras or .h5)")
     p.add_argument("-pd", required=True, help="pre-trained classifier file (.keras or .h5); "
@@ -30,9 +30,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from dqc.runs import RunSpec, train_cycles
-
     args = parse_args(argv)
+    from dqc.runs import RunSpec, train_cycles  # after parsing: --help needs no TensorFlow
+
     spec = RunSpec(train_csv=args.fn_train, out=args.out, prefix=args.prefix,
                    cycles=range(args.start_cycle, args.cycles), seed=args.seed,
                    batch_size=args.batch_size, epochs=args.epochs, encoder=args.en,

@@ -36,11 +36,22 @@ def run_main(main: Callable[[], object]) -> None:
     sys.exit(int(status or 0))
 
 
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows `(default: X)` after a flag's help, except when there is no default to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with defaults shown in --help and usage errors as one `error:` line."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(**kwargs)
 
     def error(self, message: str):  # noqa: D102 - argparse API

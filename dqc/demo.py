@@ -188,7 +188,7 @@ class Stages:
 
 def parse_args(argv=None):
     d = DemoConfig(out=Path("demo_out"))
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--quick", action="store_true", help="a small, fast variant (about 3 "
                    "minutes): fewer, smaller images and cycles; numbers are only indicative")

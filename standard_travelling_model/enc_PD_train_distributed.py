@@ -14,7 +14,7 @@ from dqc.data import parse_shape  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("-fn_train", required=True, help="training CSV (Subject, Study, Path, "
                    "Group_bin); relative paths resolve against the CSV's folder")
     p.add_argument("-cycles", type=int, required=True, help="number of cycles; trains cycles "
@@ -29,9 +29,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from dqc.runs import RunSpec, train_cycles
-
     args = parse_args(argv)
+    from dqc.runs import RunSpec, train_cycles  # after parsing: --help needs no TensorFlow
+
     spec = RunSpec(train_csv=args.fn_train, out=args.out, prefix=args.prefix,
                    cycles=range(0, args.cycles), seed=args.seed, batch_size=args.batch_size,
                    epochs=args.epochs, resume=args.resume, cache=not args.no_cache,

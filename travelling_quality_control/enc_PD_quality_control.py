@@ -16,7 +16,7 @@ from dqc.cli import Parser, add_run_flags, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("-fn_train", required=True, help="training CSV (Subject, Study, Path, "
                    "Group_bin; optional Harmful = ground truth, used only for reporting)")
     p.add_argument("-fn_test", required=True, help="the server's validation CSV used to verify "
@@ -42,9 +42,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from dqc.runs import QCSpec, RunSpec, run_quality_control
-
     args = parse_args(argv)
+    from dqc.runs import QCSpec, RunSpec, run_quality_control  # after parsing: --help needs no TensorFlow
+
     spec = RunSpec(train_csv=args.fn_train, out=args.out, prefix=args.fn_save,
                    cycles=range(args.start_cycle, args.cycles), seed=args.seed,
                    batch_size=args.batch_size, encoder=args.en, classifier=args.pd,
