@@ -170,13 +170,13 @@ def main(argv=None):
         record = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(record)
         print(describe(record, args.cycles), flush=True)
+        (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
     fast = next((r for r in results if r["mode"] == "fast"), None)
     for r in results:
         if fast is not None and r is not fast:
             same = r["ignored"] == fast["ignored"] and r["eliminated"] == fast["eliminated"]
             print(f"{r['mode']} / fast time ratio: {r['qc_s'] / fast['qc_s']:.2f}x; "
                   f"same decisions and eliminated set: {same}")
-    (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out / 'bench.json'}")
     return 0
 
