@@ -80,7 +80,9 @@ def run_mode(args) -> dict:
     log = pd.DataFrame(policy.state.log)
     qc_log = log[log.Cycle >= args.start_cycle]
     trained = len(qc_log[qc_log.Subject != "batch"]) + 5 * int((qc_log.Subject == "batch").sum())
+    per_cycle = qc_log.groupby("Cycle").size().tolist()
     return {"mode": args.mode_name, "wall_s": wall, "qc_s": timings.seconds["cycle"],
+            "cycle_s": timings.history["cycle"], "cycle_verifications": per_cycle,
             "seconds": dict(timings.seconds), "calls": dict(timings.calls),
             "verifications": int(len(qc_log)), "images_trained_approx": trained,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -93,13 +95,15 @@ def describe(r: dict, cycles: int) -> str:
     model = s.get("train", 0) + s.get("evaluate", 0)
     qc_time = r["qc_s"]
     other = max(qc_time - model - s.get("data", 0), 0)
+    steady = (f"  last cycle {r['cycle_s'][-1] / r['cycle_verifications'][-1]:.3f} "
+              "s/verification") if len(r["cycle_s"]) > 1 else ""
     return (f"{r['mode']:>8}: {qc_time / cycles:7.1f} s/cycle  "
             f"{r['verifications'] / qc_time:6.2f} verifications/s  "
             f"{qc_time / max(r['verifications'], 1):6.3f} s/verification  "
             f"train {s.get('train', 0) / qc_time:5.1%}  evaluation {s.get('evaluate', 0) / qc_time:5.1%}  "
             f"data {s.get('data', 0) / qc_time:5.1%}  bookkeeping {other / qc_time:5.1%}  "
             f"(overhead beyond model compute {(qc_time - model) / qc_time:5.1%})  "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB")
+            f"peak RSS {r['peak_rss_mb']:.0f} MB{steady}")
 
 
 def parse_args(argv=None):

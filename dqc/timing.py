@@ -14,11 +14,21 @@ class Timings:
     def __init__(self) -> None:
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.calls: Counter = Counter()
-        self._last: dict[str, float] = {}
+        self.history: defaultdict[str, list[float]] = defaultdict(list)
+        self._paused = False
 
     def last(self, name: str) -> float:
         """Seconds of the most recent `name` interval."""
-        return self._last.get(name, 0.0)
+        return self.history[name][-1] if self.history[name] else 0.0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing inside is counted (e.g. a one-off evaluation before the timed cycles)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -26,6 +36,7 @@ class Timings:
         try:
             yield
         finally:
-            self._last[name] = time.perf_counter() - start
-            self.seconds[name] += self._last[name]
-            self.calls[name] += 1
+            if not self._paused:
+                self.history[name].append(time.perf_counter() - start)
+                self.seconds[name] += self.history[name][-1]
+                self.calls[name] += 1

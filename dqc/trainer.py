@@ -54,6 +54,7 @@ class Trainer:
             x = np.zeros((n, *shape), np.float32)
             self.model.train_on_batch(x, np.zeros((n, 1), np.float32))
             self.model.predict_on_batch(x)
+            self.model.predict_on_batch(x.astype(np.uint8))  # validation sets stay uint8
         self.restore(saved)
 
     # --- training --------------------------------------------------------------------------
@@ -65,11 +66,19 @@ class Trainer:
         loss, acc = self.model.train_on_batch(x, y.reshape(-1, 1))
         return float(loss), float(acc)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """P(PD) for every volume of x, in batches of `eval_batch_size` (inference mode)."""
+    def predict(self, x) -> np.ndarray:
+        """P(PD) for every volume of x, in batches of `eval_batch_size` (inference mode).
+
+        x is a numpy array or a backend tensor already on the device (see `on_device`).
+        """
         n, b = len(x), self.eval_batch_size
         return np.concatenate([np.asarray(self.model.predict_on_batch(x[i:i + b])).reshape(-1)
                                for i in range(0, n, b)]) if n else np.zeros(0, np.float32)
+
+    @staticmethod
+    def on_device(x: np.ndarray):
+        """Move an array to the backend's default device once (e.g. a whole validation set)."""
+        return keras.ops.convert_to_tensor(x)
 
     # --- state -----------------------------------------------------------------------------
     @property
