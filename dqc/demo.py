@@ -1,6 +1,6 @@
 """The paper's experiment end to end on the embedded cohort, with a report.
 
-    python -m dqc.demo --out demo_out          # about 15 minutes on 2 cores
+    python -m dqc.demo --out demo_out          # about 13 minutes on 2 cores
     python -m dqc.demo --out demo_quick --quick
 
 Stages, each reused when its outputs exist (rerunning after an interruption continues):
@@ -35,10 +35,10 @@ class DemoConfig:
     n_train: int = 200
     n_val: int = 100       # >= 50 of each class: one extra error stays within -error 0.02
     n_test: int = 100
-    downsample: int = 6    # 26x32x26 voxels: a QC cycle takes ~1.5 min on 2 cores
+    downsample: int = 7    # 22x27x22 voxels: a QC cycle takes about a minute on 2 cores
     effect: float = 0.5
     pretrain: int = 10     # cycles 0..9, as in the paper
-    cycles: int = 13       # clean, dirty and QC runs end at cycle 12
+    cycles: int = 14       # clean, dirty and QC runs end at cycle 13 (QC cycles 10..13)
     revisit: int = 2
     error: float = 0.02
     whole_centers: int = 2
