@@ -10,7 +10,7 @@ from dqc.cli import quiet_backend
 
 quiet_backend()
 
-from dqc.cli import Parser, add_run_flags, run_main  # noqa: E402
+from dqc.cli import Parser, add_run_flags, run_main, run_options  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -33,12 +33,9 @@ def main(argv=None):
     args = parse_args(argv)
     from dqc.runs import RunSpec, train_cycles  # after parsing: --help needs no TensorFlow
 
-    spec = RunSpec(train_csv=args.fn_train, out=args.out, prefix=args.prefix,
-                   cycles=range(args.start_cycle, args.cycles), seed=args.seed,
-                   batch_size=args.batch_size, epochs=args.epochs, encoder=args.en,
-                   classifier=args.pd, resume=args.resume, cache=not args.no_cache,
-                   cache_mb=args.cache_mb, eval_batch_size=args.eval_batch_size,
-                   mixed_precision=args.mixed_precision, verbose=not args.quiet)
+    spec = RunSpec(train_csv=args.fn_train, prefix=args.prefix,
+                   cycles=range(args.start_cycle, args.cycles), batch_size=args.batch_size,
+                   epochs=args.epochs, encoder=args.en, classifier=args.pd, **run_options(args))
     train_cycles(spec)
 
 

@@ -86,6 +86,14 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """The `add_run_flags` values as `dqc.runs.RunSpec` keyword arguments."""
+    return {"out": args.out, "seed": args.seed, "resume": args.resume,
+            "cache": not args.no_cache, "cache_mb": args.cache_mb,
+            "eval_batch_size": args.eval_batch_size,
+            "mixed_precision": args.mixed_precision, "verbose": not args.quiet}
+
+
 def check_positive(name: str, value: float, minimum: float = 1) -> None:
     if value < minimum:
         raise DQCError(f"{name} must be at least {minimum}, got {value}")

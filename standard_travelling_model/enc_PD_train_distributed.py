@@ -9,7 +9,7 @@ from dqc.cli import quiet_backend
 
 quiet_backend()
 
-from dqc.cli import Parser, add_run_flags, run_main  # noqa: E402
+from dqc.cli import Parser, add_run_flags, run_main, run_options  # noqa: E402
 from dqc.data import parse_shape  # noqa: E402
 
 
@@ -32,12 +32,10 @@ def main(argv=None):
     args = parse_args(argv)
     from dqc.runs import RunSpec, train_cycles  # after parsing: --help needs no TensorFlow
 
-    spec = RunSpec(train_csv=args.fn_train, out=args.out, prefix=args.prefix,
-                   cycles=range(0, args.cycles), seed=args.seed, batch_size=args.batch_size,
-                   epochs=args.epochs, resume=args.resume, cache=not args.no_cache,
-                   cache_mb=args.cache_mb, eval_batch_size=args.eval_batch_size,
-                   mixed_precision=args.mixed_precision, verbose=not args.quiet,
-                   image_shape=parse_shape(args.image_shape) if args.image_shape else None)
+    spec = RunSpec(train_csv=args.fn_train, prefix=args.prefix, cycles=range(0, args.cycles),
+                   batch_size=args.batch_size, epochs=args.epochs,
+                   image_shape=parse_shape(args.image_shape) if args.image_shape else None,
+                   **run_options(args))
     train_cycles(spec)
 
 
