@@ -73,7 +73,8 @@ def in_current_precision(encoder: keras.Model,
     A saved model keeps the policy it was trained with; a run that asks for another one
     rebuilds the layers and copies the weights.
     """
-    if encoder.dtype_policy.name == keras.config.dtype_policy().name:
+    # a loaded model takes the global policy, its layers keep the one they were saved with
+    if encoder.get_layer("conv0").dtype_policy.name == keras.config.dtype_policy().name:
         return encoder, classifier
     new_encoder, new_classifier = build_models(input_shape(encoder))
     new_encoder.set_weights(encoder.get_weights())
