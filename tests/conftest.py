@@ -145,19 +145,20 @@ def run_script(args: list[str], cwd: Path, out: Path, script: str | Path = SCRIP
     return ScriptRun(done.returncode, done.stdout, done.stderr, out)
 
 
-@functools.lru_cache(maxsize=1)
-def _script_globals() -> dict:
-    """The standard script's module namespace (loaded once, not run as __main__)."""
-    return runpy.run_path(str(SCRIPT), run_name="standard_script_under_test")
+@functools.lru_cache(maxsize=4)
+def _script_globals(script: Path = SCRIPT) -> dict:
+    """A script's module namespace (loaded once, not run as __main__)."""
+    return runpy.run_path(str(script), run_name="script_under_test")
 
 
-def call_script(argv: list[str], capsys: pytest.CaptureFixture, out: Path) -> ScriptRun:
+def call_script(argv: list[str], capsys: pytest.CaptureFixture, out: Path,
+                script_path: Path = SCRIPT) -> ScriptRun:
     """Run the script's entry point in this process, exactly as `__main__` does.
 
     `run_main(main)` always ends in `sys.exit`; the exit status, stdout and stderr come back
     like a subprocess's, without paying for another TensorFlow import.
     """
-    script = _script_globals()
+    script = _script_globals(script_path)
     saved = warnings.showwarning  # run_main installs a one-line warning printer
     try:
         with pytest.raises(SystemExit) as info:

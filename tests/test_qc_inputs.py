@@ -1,23 +1,14 @@
 """Bad QC input is refused before any training, in one line, with exit status 2."""
 
-import runpy
-import warnings
-
 import pandas as pd
 import pytest
+from conftest import call_script
 from qc_setup import QC_SCRIPT
 
 
-def run_qc(argv, capsys):
-    script = runpy.run_path(str(QC_SCRIPT), run_name="qc_script")
-    saved = warnings.showwarning
-    try:
-        with pytest.raises(SystemExit) as info:
-            script["run_main"](lambda: script["main"](argv))
-    finally:
-        warnings.showwarning = saved
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+def run_qc(argv, capsys, tmp_path):
+    run = call_script(argv, capsys, tmp_path, script_path=QC_SCRIPT)
+    return run.returncode, run.stdout, run.stderr
 
 
 @pytest.fixture()
@@ -38,7 +29,7 @@ def args(cohort, tmp_path):
     ({"-cycles": "10"}, "must be greater than the start cycle 10"),
 ])
 def test_bad_flags(args, capsys, flags, message, tmp_path):
-    code, out, err = run_qc(args(**flags), capsys)
+    code, out, err = run_qc(args(**flags), capsys, tmp_path)
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "out").exists()
 
@@ -48,7 +39,7 @@ def test_single_class_validation_set(args, capsys, cohort, tmp_path):
     one = tmp_path / "val.csv"
     val[val.Group_bin == 1].assign(Path=lambda t: [str(cohort["val"].parent / p) for p in t.Path]
                                    ).to_csv(one, index=False)
-    code, out, err = run_qc(args(val=one), capsys)
+    code, out, err = run_qc(args(val=one), capsys, tmp_path)
     assert code == 2 and "both classes" in err and "Traceback" not in err
 
 
@@ -57,7 +48,7 @@ def test_overlap_and_small_validation_set_are_warned(args, capsys, cohort, tmp_p
     both = tmp_path / "val.csv"
     pd.concat([pd.read_csv(cohort["val"]), train.head(2)]).assign(
         Path=lambda t: [str(cohort["val"].parent / p) for p in t.Path]).to_csv(both, index=False)
-    code, out, err = run_qc(args(val=both), capsys)
+    code, out, err = run_qc(args(val=both), capsys, tmp_path)
     assert code == 2 and "none.keras" in err  # gets as far as loading the model
     assert "2 image(s) are in both" in out and train.Subject[0] in out
     assert "validation set too small for -error 0.02" in out
