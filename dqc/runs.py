@@ -7,7 +7,6 @@ atomically through `checkpoint.save_cycle`, and resume from the last complete cy
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -65,8 +64,11 @@ def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def _start(spec: RunSpec) -> tuple[Trainer, int, dict]:
-    """The trainer to continue with, the first cycle to run and the state's meta record."""
+def _start(spec: RunSpec, table: pd.DataFrame) -> tuple[Trainer, int, dict]:
+    """The trainer to continue with, the first cycle to run and the state's meta record.
+
+    A fresh model takes its input shape from `--image-shape` or the first training image.
+    """
     setup_runtime(spec.seed, spec.mixed_precision)
     last = checkpoint.last_complete_cycle(spec.out, spec.prefix) if spec.resume else None
     if last is not None and last >= spec.cycles.start:
@@ -83,7 +85,7 @@ def _start(spec: RunSpec) -> tuple[Trainer, int, dict]:
         return trainer, spec.cycles.start, {}
     shape = spec.image_shape
     if shape is None:
-        first = load_table(spec.train_csv, "train", check_files=True).iloc[0]
+        first = table.iloc[0]
         shape = image_shape(first.Path, first.Subject)
     encoder, classifier = build_models(shape)
     return Trainer(encoder, classifier, **spec.trainer_options()), spec.cycles.start, {}
@@ -110,7 +112,7 @@ def train_cycles(spec: RunSpec) -> list[CycleStats]:
     """Standard travelling model (fresh) or dirty baseline (from -en/-pd), no quality control."""
     _check_cycles(spec)
     table = load_table(spec.train_csv, "train")
-    trainer, first, _ = _start(spec)
+    trainer, first, _ = _start(spec, table)
     store = _store(spec, trainer, table, "training images")
     centers = centers_of(table)
     step = local_step(trainer, store, spec.timings)
@@ -198,7 +200,7 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     train = load_table(spec.train_csv, "train")
     val = load_table(qspec.val_csv, "validation")
     _check_qc_inputs(spec, qspec, train, val)
-    trainer, first, meta = _start(spec)
+    trainer, first, meta = _start(spec, train)
     table, store = train, _store(spec, trainer, train, "training images")
     val_store = _store(spec, trainer, val, "validation images")
     evaluate = evaluate or validation_evaluator(trainer, val_store, list(val.Subject),
@@ -232,19 +234,3 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     qc_report.write_outputs(policy, table, out, qspec.name, spec.cycles)
     spec.echo(qc_report.summary_table(policy, table))
     return policy
-
-
-def cycle_seconds(history: list[CycleStats]) -> float:
-    return float(np.mean([h.seconds for h in history])) if history else float("nan")
-
-
-def dump_json(path: str | Path, data: dict) -> None:
-    checkpoint.write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -51,10 +51,6 @@ class VolumeStore:
             array = array.astype(np.float32, copy=False)
         return array
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
-
     def batch(self, subjects: Sequence[str]) -> np.ndarray:
         """A float32 (n, x, y, z, 1) batch of the given subjects."""
         key = tuple(subjects)
