@@ -179,12 +179,11 @@ def _load_stacked(encoder_path: Path, classifier_path: Path
                        f"({reason})") from None
 
 
-def _scores(model: keras.Model, store: VolumeStore, subjects: Sequence[str],
-            batch_size: int) -> np.ndarray:
-    """P(PD) per subject, one batch of volumes at a time, in inference mode."""
-    parts = [np.asarray(model.predict_on_batch(store.batch(subjects[i:i + batch_size])))
-             for i in range(0, len(subjects), batch_size)]
-    return np.concatenate(parts).reshape(-1).astype(np.float64)
+def _scores(model: keras.Model, volumes: np.ndarray, batch_size: int) -> np.ndarray:
+    """P(PD) per subject, `batch_size` volumes at a time, in inference mode."""
+    from dqc.trainer import predict_in_batches
+
+    return predict_in_batches(model, volumes, batch_size).astype(np.float64)
 
 
 def prediction_frame(table: pd.DataFrame, cycle: int | None, scores: np.ndarray) -> pd.DataFrame:
@@ -266,11 +265,12 @@ def predict_cycles(test_csv: str | Path, models: Sequence[CycleModels], eval_bat
         model, shape = _load_stacked(encoder_path, classifier_path)
         if store is None:
             store = VolumeStore(table, shape, desc="test images", verbose=verbose)
+            volumes = store.stacked(subjects)  # once: uint8 stays uint8, cast in the model
         elif shape != store.shape:
             raise DQCError(f"{encoder_path}: takes {format_shape(shape)} volumes, the models "
                            f"before it {format_shape(store.shape)}")
         with _quiet_retracing():
-            scores = _scores(model, store, subjects, eval_batch_size)
+            scores = _scores(model, volumes, eval_batch_size)
         del model
         keras.backend.clear_session()  # models of earlier cycles would pile up otherwise
         frames.append(prediction_frame(table, cycle, scores))

@@ -71,9 +71,7 @@ class Trainer:
 
         x is a numpy array or a backend tensor already on the device (see `on_device`).
         """
-        n, b = len(x), self.eval_batch_size
-        return np.concatenate([np.asarray(self.model.predict_on_batch(x[i:i + b])).reshape(-1)
-                               for i in range(0, n, b)]) if n else np.zeros(0, np.float32)
+        return predict_in_batches(self.model, x, self.eval_batch_size)
 
     @staticmethod
     def on_device(x: np.ndarray):
@@ -112,6 +110,13 @@ class Trainer:
     def _extra_variables(self) -> list:
         saved = {id(v) for v in self.encoder.weights + self.classifier.weights}
         return [v for v in self.state_variables if id(v) not in saved]
+
+
+def predict_in_batches(model: keras.Model, x, batch_size: int) -> np.ndarray:
+    """P(PD) for every volume of x (numpy or device tensor), `batch_size` at a time."""
+    n = len(x)
+    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size])).reshape(-1)
+                           for i in range(0, n, batch_size)]) if n else np.zeros(0, np.float32)
 
 
 def predict_subjects(trainer: Trainer, store, subjects: Sequence[str],
