@@ -22,7 +22,7 @@ from dqc.model import build_models, input_shape
 from dqc.qc import (Evaluation, QCState, QualityControl, evaluate_predictions,
                     per_image_tolerance_problems)
 from dqc.trainer import Trainer, predict_subjects
-from dqc.travel import CycleStats, centers_of, local_step, run_cycle
+from dqc.travel import CycleStats, Step, centers_of, local_step, run_cycle
 from dqc.timing import Timings
 from dqc.volumes import VolumeStore
 
@@ -190,40 +190,53 @@ def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, train: pd.DataFrame,
                   "eliminated for one flipped prediction")
 
 
+#: Makes "train one step at center X" for the server's trainer (local, or a network round trip).
+StepFactory = Callable[[Trainer], Step]
+
+
 def run_quality_control(spec: RunSpec, qspec: QCSpec,
-                        evaluate: Callable[[Sequence[str]], Evaluation] | None = None
-                        ) -> QualityControl:
+                        evaluate: Callable[[Sequence[str]], Evaluation] | None = None, *,
+                        train: pd.DataFrame | None = None,
+                        make_step: StepFactory | None = None) -> QualityControl:
     """The travelling model with verification, revisit and elimination (ALGORITHM.md).
 
     `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
+    Federated runs pass `train` (Subject, Study and optionally Harmful: no image paths) and
+    `make_step`, because the training images stay on the centers' machines; the loop, the
+    policy and the outputs are this same code.
     """
-    train = load_table(spec.train_csv, "train")
+    if train is None:
+        train = load_table(spec.train_csv, "train")
     val = load_table(qspec.val_csv, "validation")
     _check_qc_inputs(spec, qspec, train, val)
     trainer, first, meta = _start(spec, train)
-    table, store = train, _store(spec, trainer, train, "training images")
+    if make_step is None:
+        store = _store(spec, trainer, train, "training images")
+        step, prefetch = local_step(trainer, store, spec.timings), _prefetch(spec, store)
+    else:
+        step, prefetch = make_step(trainer), None
     val_store = _store(spec, trainer, val, "validation images")
     evaluate = evaluate or validation_evaluator(trainer, val_store, list(val.Subject),
                                                 qspec.legacy_rates, spec.timings,
                                                 on_device=not spec.naive)
     resumed = "qc" in meta and first > spec.cycles.start
     clock = spec.timings or Timings()
-    policy = QualityControl(local_step(trainer, store, spec.timings), evaluate, trainer.snapshot,
+    policy = QualityControl(step, evaluate, trainer.snapshot,
                             trainer.restore, error=qspec.error, revisit=qspec.revisit,
-                            studies=dict(zip(table.Subject, table.Study)),
+                            studies=dict(zip(train.Subject, train.Study)),
                             state=QCState.from_json(meta["qc"]) if resumed else None,
                             on_event=spec.echo)
     if not resumed:
         with clock.paused():  # timings are of the cycles only
             policy.baseline()
-    centers = centers_of(table)
+    centers = centers_of(train)
     out = Path(spec.out)
     for cycle in range(first, spec.cycles.stop):
         with clock("cycle"):
             policy.cycle = cycle
             stats = run_cycle(trainer, centers, cycle, policy.verify_batch, seed=spec.seed,
                               batch_size=spec.batch_size, epochs=spec.epochs,
-                              select=policy.select, prefetch=_prefetch(spec, store),
+                              select=policy.select, prefetch=prefetch,
                               verbose=spec.verbose)
             policy.revisit_pass()
         qc_report.write_log(policy, out / f"{qspec.name}.csv")
@@ -231,6 +244,6 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                               {"seed": spec.seed, "learning_rate": stats.learning_rate,
                                "qc": policy.state.to_json()})
         spec.echo(qc_report.cycle_line(policy, cycle, stats, clock.last("cycle")))
-    qc_report.write_outputs(policy, table, out, qspec.name, spec.cycles)
-    spec.echo(qc_report.summary_table(policy, table))
+    qc_report.write_outputs(policy, train, out, qspec.name, spec.cycles)
+    spec.echo(qc_report.summary_table(policy, train))
     return policy

@@ -95,6 +95,26 @@ class Trainer:
         for variable, value in zip(self.state_variables, snapshot):
             variable.assign(value)
 
+    def state_arrays(self) -> list[np.ndarray]:
+        """Host copy of the whole state, in `state_variables` order (what travels to a node)."""
+        return [np.asarray(v.numpy()) for v in self.state_variables]
+
+    def state_spec(self) -> list[tuple[tuple[int, ...], str]]:
+        """(shape, dtype) of each `state_arrays` entry."""
+        return [(tuple(v.shape), str(v.dtype)) for v in self.state_variables]
+
+    def load_state_arrays(self, arrays: Sequence[np.ndarray]) -> None:
+        """Take over a state from `state_arrays` (of a model built the same way)."""
+        variables = self.state_variables
+        if len(arrays) != len(variables):
+            raise ValueError(f"state holds {len(arrays)} arrays, this model needs {len(variables)}")
+        for variable, array in zip(variables, arrays):
+            if tuple(array.shape) != tuple(variable.shape):
+                raise ValueError(f"{variable.path}: shape {tuple(array.shape)}, model needs "
+                                 f"{tuple(variable.shape)}")
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
+
     def training_state(self) -> dict[str, np.ndarray]:
         """Host copy of what the .keras files do not hold: optimizer and dropout seed state."""
         extra = self._extra_variables()
