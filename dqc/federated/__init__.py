@@ -1,0 +1,12 @@
+"""The travelling model with quality control across machines, on Flower.
+
+The server (a Flower ServerApp) holds the model state, the validation set and the QC
+bookkeeping, and runs the very same loop and policy as the single-machine script
+(`dqc.runs.run_quality_control`); only "train one step at center X" is a network round trip.
+Each center's node (a Flower ClientApp) is a stateless trainer over its own images.
+
+- `messages`: what travels, and nothing else (no image, no image path).
+- `node`: a center's side: who it is, one training step on ids it holds.
+- `server`: the roster of nodes, the remote step, the ServerApp.
+- `simulate` / `loopback`: the two engines (`python -m dqc.federated simulate|deploy`).
+"""

@@ -1,0 +1,116 @@
+"""What travels between the server and a center's node, and nothing else.
+
+Server -> node: the model state (weights, BatchNorm statistics, dropout seed state, Adam
+state; `Trainer.state_arrays` order) and the subject ids of one update.
+Node -> server: the updated state and that step's loss and accuracy; to "who are you": the
+center name, its subject ids, label counts, image shape and, for simulated studies only, the
+`Harmful` ground truth used for scoring. Never an image, never an image path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from dqc.errors import DQCError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+WHOAMI = "query.whoami"   # ClientApp handler @app.query("whoami")
+STEP = "train.step"       # ClientApp handler @app.train("step")
+REFUSED = 4001            # Error code of a node's refusal (unknown ids, bad state, bad data)
+
+
+Spec = Sequence[tuple[tuple[int, ...], str]]  # (shape, dtype) of each state array, in order
+
+
+def pack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """All state arrays as one byte buffer: Flower moves every array (and every 5 MB chunk)
+    as a separate object, so ~95 arrays cost ~190 requests per hop; one buffer costs ~8."""
+    return np.concatenate([np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays])
+
+
+def unpack(buffer: np.ndarray, spec: Spec) -> list[np.ndarray]:
+    """The arrays of `pack`, given the receiver's own (shape, dtype) list."""
+    sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in spec]
+    if sum(sizes) != buffer.size:
+        raise DQCError(f"state of {buffer.size} bytes, this model needs {sum(sizes)}: "
+                       "the server's and the node's models differ")
+    ends = np.cumsum(sizes)
+    return [buffer[end - size:end].view(np.dtype(dtype)).reshape(shape)
+            for (shape, dtype), size, end in zip(spec, sizes, ends)]
+
+
+def step_request(state: np.ndarray, ids: Sequence[str]) -> RecordDict:
+    """A packed state (`pack`) and the ids of one update."""
+    return RecordDict({"state": ArrayRecord([state]),
+                       "batch": ConfigRecord({"ids": [str(i) for i in ids]})})
+
+
+def read_step_request(content: RecordDict) -> tuple[np.ndarray, list[str]]:
+    return content["state"].to_numpy_ndarrays()[0], list(content["batch"]["ids"])
+
+
+def step_reply(state: np.ndarray, loss: float, accuracy: float) -> RecordDict:
+    return RecordDict({"state": ArrayRecord([state]),
+                       "metrics": MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})})
+
+
+def read_step_reply(content: RecordDict) -> tuple[np.ndarray, float, float]:
+    metrics = content["metrics"]
+    return content["state"].to_numpy_ndarrays()[0], metrics["loss"], metrics["accuracy"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A node's answer to "who are you"."""
+
+    center: str
+    subjects: list[str]
+    n_pd: int
+    n_hc: int
+    shape: tuple[int, int, int]
+    harmful: list[int] | None = None  # simulated ground truth, only for scoring
+
+
+def identity_reply(identity: Identity) -> RecordDict:
+    values = {"center": identity.center, "subjects": list(identity.subjects),
+              "n_pd": identity.n_pd, "n_hc": identity.n_hc, "shape": list(identity.shape)}
+    if identity.harmful is not None:
+        values["harmful"] = list(identity.harmful)
+    return RecordDict({"identity": ConfigRecord(values)})
+
+
+def read_identity(content: RecordDict) -> Identity:
+    r = content["identity"]
+    harmful = list(r["harmful"]) if "harmful" in r else None
+    return Identity(str(r["center"]), [str(s) for s in r["subjects"]], int(r["n_pd"]),
+                    int(r["n_hc"]), tuple(int(v) for v in r["shape"]), harmful)
+
+
+def roster_table(identities: Sequence[Identity]) -> "pd.DataFrame":
+    """The server's view of the training set: Subject, Study (+ Harmful), no paths.
+
+    Centers come in name order (a federation has no global CSV order); subjects in each
+    node's own order. Two nodes with one center name, or one id at two centers, are errors.
+    """
+    import pandas as pd
+
+    seen: dict[str, str] = {}
+    for ident in identities:
+        if any(i.center == ident.center for i in identities if i is not ident):
+            raise DQCError(f"two nodes say they are center {ident.center!r}")
+        for s in ident.subjects:
+            if s in seen:
+                raise DQCError(f"subject {s!r} is held by both {seen[s]!r} and {ident.center!r}")
+            seen[s] = ident.center
+    ordered = sorted(identities, key=lambda i: i.center)
+    table = pd.DataFrame({"Subject": [s for i in ordered for s in i.subjects],
+                          "Study": [i.center for i in ordered for _ in i.subjects]})
+    if ordered and all(i.harmful is not None for i in ordered):
+        table["Harmful"] = [h for i in ordered for h in i.harmful]
+    return table

@@ -1,0 +1,87 @@
+"""What travels between server and nodes: packing, identities, the server's roster (no TF)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dqc.errors import DQCError
+from dqc.federated.messages import (Identity, identity_reply, pack, read_identity,
+                                    read_step_reply, read_step_request, roster_table,
+                                    step_reply, step_request, unpack)
+
+
+def _state() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=(3, 3, 3, 1, 4)).astype(np.float32), np.array(7, np.int64),
+            np.array([11, 12], np.uint32), rng.normal(size=5).astype(np.float32)]
+
+
+def test_pack_unpack_is_exact_for_mixed_dtypes():
+    state = _state()
+    spec = [(a.shape, str(a.dtype)) for a in state]
+    buffer = pack(state)
+    assert buffer.dtype == np.uint8 and buffer.size == sum(a.nbytes for a in state)
+    back = unpack(buffer, spec)
+    for a, b in zip(state, back):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_unpack_refuses_a_state_of_another_model():
+    state = _state()
+    spec = [(a.shape, str(a.dtype)) for a in state] + [((2,), "float32")]
+    with pytest.raises(DQCError, match="models differ"):
+        unpack(pack(state), spec)
+
+
+def test_step_messages_round_trip():
+    buffer = pack(_state())
+    got, ids = read_step_request(step_request(buffer, ["s1", "s2"]))
+    assert ids == ["s1", "s2"] and np.array_equal(got, buffer)
+    got, loss, acc = read_step_reply(step_reply(buffer, 0.25, 0.8))
+    assert np.array_equal(got, buffer) and loss == pytest.approx(0.25) and acc == pytest.approx(0.8)
+    # only the ids and one opaque buffer travel: no path, no image
+    content = step_request(buffer, ["s1"])
+    assert set(content.keys()) == {"state", "batch"} and set(content["batch"].keys()) == {"ids"}
+
+
+def _ident(center: str, subjects: list[str], harmful: list[int] | None = None) -> Identity:
+    return Identity(center, subjects, 1, len(subjects) - 1, (20, 24, 20), harmful)
+
+
+def test_identity_round_trip_carries_no_paths():
+    ident = _ident("B", ["b1", "b2"], [0, 1])
+    content = identity_reply(ident)
+    assert read_identity(content) == ident
+    assert set(content["identity"].keys()) == {"center", "subjects", "n_pd", "n_hc", "shape",
+                                               "harmful"}
+    assert read_identity(identity_reply(_ident("A", ["a1"]))).harmful is None
+
+
+def test_roster_orders_centers_by_name_and_keeps_each_nodes_order():
+    table = roster_table([_ident("C2", ["z", "a"], [1, 0]), _ident("C1", ["m", "b"], [0, 0])])
+    assert list(table.Study) == ["C1", "C1", "C2", "C2"]
+    assert list(table.Subject) == ["m", "b", "z", "a"]
+    assert list(table.Harmful) == [0, 0, 1, 0]
+    assert "Path" not in table.columns
+    without = roster_table([_ident("C2", ["z"]), _ident("C1", ["m"], [0])])
+    assert "Harmful" not in without.columns  # only when every node knows it
+
+
+def test_roster_refuses_duplicate_centers_and_shared_subjects():
+    with pytest.raises(DQCError, match="two nodes say they are center 'A'"):
+        roster_table([_ident("A", ["a1"]), _ident("A", ["a2"])])
+    with pytest.raises(DQCError, match="subject 'x' is held by both 'A' and 'B'"):
+        roster_table([_ident("A", ["x"]), _ident("B", ["x"])])
+
+
+def test_client_side_modules_import_no_tensorflow():
+    """A deployed node starts a ClientApp process per message; with a worker it must stay light."""
+    code = ("import sys, dqc.federated.messages, dqc.federated.node; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'SimpleITK') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,132 @@
+"""Federated QC in Flower's Simulation Engine: the same decisions as one machine, and the
+server never opens a training image (one node per center, in Ray worker processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from qc_setup import QC_SCRIPT, pretrained
+
+
+class OpenedFiles:
+    """Every file this process opens while recording: Python's `open` (an audit hook) and
+    SimpleITK's readers (C++, so their entry points are wrapped)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.paths: list[str] = []
+        self.recording = False
+        sys.addaudithook(self._audit)
+        read_image, set_file_name = sitk.ReadImage, sitk.ImageFileReader.SetFileName
+
+        def spy_read(path, *args, **kwargs):
+            self._note(path)
+            return read_image(path, *args, **kwargs)
+
+        def spy_name(reader, path):
+            self._note(path)
+            return set_file_name(reader, path)
+        monkeypatch.setattr(sitk, "ReadImage", spy_read)
+        monkeypatch.setattr(sitk.ImageFileReader, "SetFileName", spy_name)
+
+    def _note(self, path) -> None:
+        if self.recording:
+            self.paths.append(str(Path(os.fsdecode(path)).resolve()))
+
+    def _audit(self, event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            self._note(args[0])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("federated")
+    pre = pretrained(root, cycles=3, epochs=2, centers=4, n_train=24, n_val=12, n_test=6,
+                     downsample=8, seed=0, effect=0.9)
+    train = pd.read_csv(pre["train"], dtype={"Subject": str}).sort_values("Study", kind="stable")
+    train["Path"] = [str((Path(pre["train"]).parent / p).resolve()) for p in train.Path]
+    train["Harmful"] = (train.Study == "C04").astype(int)  # ground truth only for scoring
+    train_csv = root / "train_by_center.csv"  # centers in name order, as a federation has them
+    train.to_csv(train_csv, index=False)
+    common = ["-fn_train", str(train_csv), "-fn_test", str(pre["val"]), "-cycles", "5",
+              "--start-cycle", "3", "-en", str(pre["encoder"]), "-pd", str(pre["classifier"]),
+              "-revisit", "1", "-error", "0", "-fn_save", "qc", "--quiet"]
+    return {"root": root, "common": common, "train": train,
+            "val": pd.read_csv(pre["val"], dtype={"Subject": str}),
+            "val_dir": Path(pre["val"]).parent}
+
+
+@pytest.fixture(scope="module")
+def single(runs: dict) -> Path:
+    """The single-machine script's own code path, with the same flags."""
+    out = runs["root"] / "single"
+    script = runpy.run_path(str(QC_SCRIPT))
+    script["main"]([*runs["common"], "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def simulated(runs: dict) -> dict:
+    from dqc.federated.__main__ import parse_args
+    from dqc.federated.simulate import simulate
+
+    out = runs["root"] / "simulated"
+    with pytest.MonkeyPatch.context() as mp:
+        spy = OpenedFiles(mp)
+        spy.recording = True
+        figures = simulate(parse_args(["simulate", *runs["common"], "--out", str(out)]))
+        spy.recording = False
+    return {"out": out, "figures": figures, "opened": spy.paths}
+
+
+def test_same_log_and_decisions_as_one_machine(single: Path, simulated: dict):
+    log = pd.read_csv(single / "qc.csv", keep_default_na=False)
+    fed = pd.read_csv(simulated["out"] / "qc.csv", keep_default_na=False)
+    assert list(fed.columns) == ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN",
+                                 "Ignored"]
+    pd.testing.assert_frame_equal(fed, log)
+    # the decisions are not trivial: updates were undone and images eliminated
+    assert fed.Ignored.sum() >= 10 and (fed.Ignored == 0).sum() >= 3
+    images = pd.read_csv(single / "qc_images.csv")
+    fed_images = pd.read_csv(simulated["out"] / "qc_images.csv")
+    pd.testing.assert_frame_equal(fed_images, images)
+    eliminated = set(fed_images.Subject[fed_images.eliminated == 1])
+    assert eliminated and eliminated == set(images.Subject[images.eliminated == 1])
+    assert "Harmful" in fed_images.columns  # the nodes' ground truth reached the report
+    assert json.loads((simulated["out"] / "qc_summary.json").read_text()) == \
+        json.loads((single / "qc_summary.json").read_text())
+
+
+def test_same_models_as_one_machine(single: Path, simulated: dict):
+    for part in ("encoder", "classifier"):
+        a = keras.saving.load_model(single / f"qc_{part}_004.keras", compile=False)
+        b = keras.saving.load_model(simulated["out"] / f"qc_{part}_004.keras", compile=False)
+        assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    a, b = (np.load(d / "qc_state_004.npz") for d in (single, simulated["out"]))
+    assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("v"))
+
+
+def test_server_never_opens_a_training_image(runs: dict, simulated: dict):
+    opened = set(simulated["opened"])
+    training = {str(Path(p).resolve()) for p in runs["train"].Path}
+    validation = {str((runs["val_dir"] / p).resolve()) for p in runs["val"].Path}
+    assert validation <= opened  # the spy works: the server read its own validation images
+    assert not opened & training
+    assert not any(p.endswith((".nii", ".nii.gz")) for p in opened - validation)
+
+
+def test_network_figures_are_written(simulated: dict):
+    figures = json.loads((simulated["out"] / "qc_network.json").read_text())
+    assert figures == simulated["figures"]
+    log = pd.read_csv(simulated["out"] / "qc.csv", keep_default_na=False)
+    assert figures["updates"] == len(log) - 1  # one remote step per evaluation after baseline
+    assert 0 < figures["median_update_s"] <= figures["max_update_s"]
