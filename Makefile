@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-deploy demo bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# The whole Flower deployment on loopback (SuperLink + SuperNodes, TLS, node auth): ~3 min.
+test-deploy: setup
+	$(PY) -m pytest -q -m deploy
 
 demo: setup
 	$(PY) -m dqc.demo --out $(DEMO_OUT)

@@ -233,3 +233,35 @@ _WANTS_SCRIPTS = pytest.StashKey[bool]()
 def _start_script_runs_early(request: pytest.FixtureRequest) -> None:
     if request.config.stash.get(_WANTS_SCRIPTS, False):
         request.getfixturevalue("script_runs")
+
+
+# --- federated runs ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny pre-trained cohort whose QC (with -error 0) undoes and eliminates a lot, the
+    training CSV listed by center name (a federation's order), and the single-machine run."""
+    from qc_setup import QC_SCRIPT, pretrained
+
+    root = tmp_path_factory.mktemp("federated")
+    pre = pretrained(root, cycles=3, epochs=2, centers=4, n_train=24, n_val=12, n_test=6,
+                     downsample=8, seed=0, effect=0.9)
+    train = pd.read_csv(pre["train"], dtype={"Subject": str}).sort_values("Study", kind="stable")
+    train["Path"] = [str((Path(pre["train"]).parent / p).resolve()) for p in train.Path]
+    train["Harmful"] = (train.Study == "C04").astype(int)  # ground truth only for scoring
+    train_csv = root / "train_by_center.csv"
+    train.to_csv(train_csv, index=False)
+    common = ["-fn_train", str(train_csv), "-fn_test", str(pre["val"]), "-en",
+              str(pre["encoder"]), "-pd", str(pre["classifier"]), "--start-cycle", "3",
+              "-revisit", "1", "-error", "0", "-fn_save", "qc", "--quiet"]
+
+    @functools.lru_cache(maxsize=None)
+    def single(cycles: int = 5) -> Path:
+        """The single-machine script's own code path, with the same flags."""
+        out = root / f"single_{cycles}"
+        runpy.run_path(str(QC_SCRIPT))["main"]([*common, "-cycles", str(cycles), "--out", str(out)])
+        return out
+
+    return {"root": root, "common": common, "train": train, "single": single,
+            "val": pd.read_csv(pre["val"], dtype={"Subject": str}),
+            "val_dir": Path(pre["val"]).parent}

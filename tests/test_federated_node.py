@@ -104,3 +104,17 @@ def test_worker_serves_the_same_answers_over_its_socket(node_csvs: list[Path],
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_simulate_with_a_bad_server_input_fails_in_one_line(cohort: dict, capsys,
+                                                            tmp_path: Path):
+    from conftest import call_script
+
+    main = Path(__file__).resolve().parents[1] / "dqc" / "federated" / "__main__.py"
+    run = call_script(["simulate", "-fn_train", str(cohort["train"]), "-fn_test",
+                       str(tmp_path / "missing.csv"), "-cycles", "3", "-en", "e.keras",
+                       "-pd", "c.keras", "--out", str(tmp_path / "out")], capsys,
+                      tmp_path / "out", main)
+    assert run.returncode == 2
+    assert run.error_lines() == [f"error: {tmp_path / 'missing.csv'}: CSV file not found"]
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -14,8 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-
-from qc_setup import QC_SCRIPT, pretrained
 
 
 class OpenedFiles:
@@ -48,42 +45,22 @@ class OpenedFiles:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("federated")
-    pre = pretrained(root, cycles=3, epochs=2, centers=4, n_train=24, n_val=12, n_test=6,
-                     downsample=8, seed=0, effect=0.9)
-    train = pd.read_csv(pre["train"], dtype={"Subject": str}).sort_values("Study", kind="stable")
-    train["Path"] = [str((Path(pre["train"]).parent / p).resolve()) for p in train.Path]
-    train["Harmful"] = (train.Study == "C04").astype(int)  # ground truth only for scoring
-    train_csv = root / "train_by_center.csv"  # centers in name order, as a federation has them
-    train.to_csv(train_csv, index=False)
-    common = ["-fn_train", str(train_csv), "-fn_test", str(pre["val"]), "-cycles", "5",
-              "--start-cycle", "3", "-en", str(pre["encoder"]), "-pd", str(pre["classifier"]),
-              "-revisit", "1", "-error", "0", "-fn_save", "qc", "--quiet"]
-    return {"root": root, "common": common, "train": train,
-            "val": pd.read_csv(pre["val"], dtype={"Subject": str}),
-            "val_dir": Path(pre["val"]).parent}
-
-
-@pytest.fixture(scope="module")
-def single(runs: dict) -> Path:
+def single(federated_case: dict) -> Path:
     """The single-machine script's own code path, with the same flags."""
-    out = runs["root"] / "single"
-    script = runpy.run_path(str(QC_SCRIPT))
-    script["main"]([*runs["common"], "--out", str(out)])
-    return out
+    return federated_case["single"]()
 
 
 @pytest.fixture(scope="module")
-def simulated(runs: dict) -> dict:
+def simulated(federated_case: dict) -> dict:
     from dqc.federated.__main__ import parse_args
     from dqc.federated.simulate import simulate
 
-    out = runs["root"] / "simulated"
+    out = federated_case["root"] / "simulated"
     with pytest.MonkeyPatch.context() as mp:
         spy = OpenedFiles(mp)
         spy.recording = True
-        figures = simulate(parse_args(["simulate", *runs["common"], "--out", str(out)]))
+        figures = simulate(parse_args(["simulate", *federated_case["common"], "-cycles", "5",
+                                       "--out", str(out)]))
         spy.recording = False
     return {"out": out, "figures": figures, "opened": spy.paths}
 
@@ -115,10 +92,10 @@ def test_same_models_as_one_machine(single: Path, simulated: dict):
     assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("v"))
 
 
-def test_server_never_opens_a_training_image(runs: dict, simulated: dict):
+def test_server_never_opens_a_training_image(federated_case: dict, simulated: dict):
     opened = set(simulated["opened"])
-    training = {str(Path(p).resolve()) for p in runs["train"].Path}
-    validation = {str((runs["val_dir"] / p).resolve()) for p in runs["val"].Path}
+    training = {str(Path(p).resolve()) for p in federated_case["train"].Path}
+    validation = {str((federated_case["val_dir"] / p).resolve()) for p in federated_case["val"].Path}
     assert validation <= opened  # the spy works: the server read its own validation images
     assert not opened & training
     assert not any(p.endswith((".nii", ".nii.gz")) for p in opened - validation)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dqc.errors import DQCError
-from dqc.federated.server import config_from_args
+from dqc.federated.server import check_server_inputs, config_from_args
 from dqc.federated.simulate import split_by_center
 
 APP_DIR = Path(__file__).resolve().parents[2] / "federated"
@@ -162,7 +162,18 @@ class Processes:
                 pass
         for _, p in self.started:  # helpers (superexec, app processes) share the group
             _signal_group(p.pid, signal.SIGKILL)
-            p.poll()
+        for _, p in self.started:
+            p.wait()
+            _wait_group_gone(p.pid, deadline=time.monotonic() + 10)
+
+
+def _wait_group_gone(pgid: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -268,6 +279,7 @@ def deploy(args: argparse.Namespace, timeout: float = 3600.0) -> Path:
     config = {**config_from_args(args), "out": str(out), "min-nodes": len(nodes)}
     for key in ("fn-test", "en", "pd"):
         config[key] = str(Path(config[key]).resolve())
+    check_server_inputs(config)  # before any process starts
     try:
         fed = start_federation(work, processes, args.port)
         names = [f"node-{i}" for i in range(len(nodes))]
@@ -281,7 +293,10 @@ def deploy(args: argparse.Namespace, timeout: float = 3600.0) -> Path:
         summary = out / f"{args.fn_save}_summary.json"
         if done.returncode != 0 or not summary.is_file():
             keep = True
-            raise DQCError(f"the federated run ended without results ({_last_line(done)}); "
+            errors = [line[len("error: "):] for line in (done.stdout + done.stderr).splitlines()
+                      if line.startswith("error: ")]
+            reason = errors[0] if errors else _last_line(done)
+            raise DQCError(f"the federated run ended without results ({reason}); "
                            f"logs in {processes.logs}")
         print(done.stdout[-4000:], end="")
         return summary

@@ -54,6 +54,17 @@ def specs_from_config(config: dict):
     return qc_specs(args)
 
 
+def check_server_inputs(config: dict) -> None:
+    """Fail before any node is contacted when the server's own files are unusable."""
+    from dqc.data import load_table, require_both_classes
+
+    spec, qspec = specs_from_config(config)
+    require_both_classes(load_table(qspec.val_csv, "validation"), qspec.val_csv)
+    for path, what in ((spec.encoder, "encoder"), (spec.classifier, "classifier")):
+        if not Path(path).is_file():
+            raise DQCError(f"{path}: {what} model file not found")
+
+
 def exchange(grid: Grid, messages: Sequence[Message], timeout: float,
              poll: float) -> list[Message]:
     """Push messages and pull every reply, polling every `poll` s (the stock
@@ -129,6 +140,7 @@ def serve(grid: Grid, config: dict) -> dict:
     from dqc.runs import run_quality_control
 
     config = {**NETWORK_DEFAULTS, **config}
+    check_server_inputs(config)
     spec, qspec = specs_from_config(config)
     poll, timeout = float(config["poll-s"]), float(config["step-timeout-s"])
     node_ids = wait_for_nodes(grid, int(config["min-nodes"]), float(config["wait-nodes-s"]))
@@ -169,8 +181,8 @@ def server_app(config: dict | None = None, outcome: dict | None = None) -> Serve
             sink["figures"] = serve(grid, {**dict(context.run_config), **(config or {})})
         except DQCError as exc:
             sink["error"] = str(exc)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            if outcome is None:
+            if outcome is None:  # deployed: say it in the run's log, fail the run
+                print(f"error: {exc}", file=sys.stderr, flush=True)
                 raise SystemExit(2) from None
 
     return app

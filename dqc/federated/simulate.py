@@ -16,7 +16,7 @@ from dqc.checkpoint import atomic_write
 from dqc.data import load_table
 from dqc.errors import DQCError
 from dqc.federated.node import client_app, node_csv
-from dqc.federated.server import config_from_args, server_app
+from dqc.federated.server import check_server_inputs, config_from_args, server_app
 
 
 def split_by_center(train_csv: str | Path, folder: str | Path) -> list[Path]:
@@ -50,10 +50,12 @@ def simulate(args: argparse.Namespace) -> dict:
     # flwr turns DeprecationWarnings on for everyone; Keras' own are not the user's business
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"keras(\.|$)")
 
+    config = config_from_args(args)
+    check_server_inputs(config)  # before Ray starts
     nodes_dir = Path(args.out) / "nodes"
     nodes = split_by_center(args.fn_train, nodes_dir)
     outcome: dict = {}
-    run_simulation(server_app=server_app(config_from_args(args), outcome),
+    run_simulation(server_app=server_app(config, outcome),
                    client_app=client_app(partial(node_csv, nodes_dir=str(nodes_dir))),
                    num_supernodes=len(nodes), backend_config=backend_config())
     if "error" in outcome:

@@ -1,0 +1,82 @@
+"""Deployment on loopback: a real SuperLink and SuperNodes with TLS and node authentication.
+
+Unregistered nodes are refused (in `make test`); a whole run gives the single-machine
+script's results and every process it started is gone afterwards (`make test-deploy`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from dqc.federated.loopback import Processes, flower_env, make_node_key, start_federation
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (e.g. a work folder)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_unregistered_or_keyless_nodes_are_refused(tmp_path: Path):
+    processes = Processes(flower_env(tmp_path), tmp_path / "logs")
+    try:
+        fed = start_federation(tmp_path, processes)
+        assert fed.tls.ca.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+        intruder_key, _ = make_node_key(tmp_path / "keys", "intruder")  # never registered
+        intruder = fed.start_node("intruder", intruder_key, tmp_path / "no.sock")
+        keyless = fed.start_node("keyless", None, tmp_path / "no.sock")
+        member = fed.start_node("member", fed.register("member"), tmp_path / "no.sock")
+        member_log = tmp_path / "logs" / "member.log"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and (
+                intruder.poll() is None or keyless.poll() is None
+                or "SuperNode ID:" not in member_log.read_text()):
+            time.sleep(0.5)
+        assert intruder.returncode not in (None, 0) and keyless.returncode not in (None, 0)
+        link_log = (tmp_path / "logs" / "superlink.log").read_text()
+        assert "No SuperNode found with the given public key" in link_log
+        assert "must be registered" in (tmp_path / "logs" / "keyless.log").read_text()
+        assert member.poll() is None  # the registered node is connected and waiting
+        assert "SuperNode ID:" in member_log.read_text()
+    finally:
+        processes.stop()
+    assert not _processes_mentioning(str(tmp_path))
+
+
+@pytest.mark.deploy  # ~3 min on 2 cores: `make test-deploy`
+def test_deployed_run_gives_the_single_machine_results(federated_case: dict, tmp_path: Path):
+    from dqc.federated.__main__ import parse_args
+    from dqc.federated.loopback import deploy
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = parse_args(["deploy", *federated_case["common"], "-cycles", "4", "--out", str(out),
+                       "--work", str(work)])
+    summary = deploy(args, timeout=900)
+    assert not _processes_mentioning(str(work))  # SuperLink, SuperNodes, workers: all stopped
+    single = federated_case["single"](4)
+    log = pd.read_csv(single / "qc.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "qc.csv", keep_default_na=False), log)
+    assert log.Ignored.sum() >= 3
+    pd.testing.assert_frame_equal(pd.read_csv(out / "qc_images.csv"),
+                                  pd.read_csv(single / "qc_images.csv"))
+    assert json.loads(summary.read_text()) == json.loads((single / "qc_summary.json").read_text())
+    for part in ("encoder", "classifier"):
+        a = keras.saving.load_model(single / f"qc_{part}_003.keras", compile=False)
+        b = keras.saving.load_model(out / f"qc_{part}_003.keras", compile=False)
+        assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    network = json.loads((out / "qc_network.json").read_text())
+    assert network["updates"] == len(log) - 1
+    # the nodes read the images, through their workers; the TLS material stayed in the work dir
+    assert (work / "tls" / "server.key").stat().st_mode & 0o077 == 0
