@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dqc.errors import DQCError
-from dqc.federated.messages import (Identity, identity_reply, pack, read_identity,
+from dqc.federated.messages import (Identity, digest, identity_reply, pack, read_identity,
                                     read_step_reply, read_step_request, roster_table,
                                     step_reply, step_request, unpack)
 
@@ -39,13 +39,26 @@ def test_unpack_refuses_a_state_of_another_model():
 
 def test_step_messages_round_trip():
     buffer = pack(_state())
-    got, ids = read_step_request(step_request(buffer, ["s1", "s2"]))
-    assert ids == ["s1", "s2"] and np.array_equal(got, buffer)
-    got, loss, acc = read_step_reply(step_reply(buffer, 0.25, 0.8))
-    assert np.array_equal(got, buffer) and loss == pytest.approx(0.25) and acc == pytest.approx(0.8)
-    # only the ids and one opaque buffer travel: no path, no image
-    content = step_request(buffer, ["s1"])
-    assert set(content.keys()) == {"state", "batch"} and set(content["batch"].keys()) == {"ids"}
+    key = digest(buffer)
+    got, got_key, ids = read_step_request(step_request(buffer, key, ["s1", "s2"]))
+    assert ids == ["s1", "s2"] and got_key == key and np.array_equal(got, buffer)
+    got, got_key, loss, acc = read_step_reply(step_reply(buffer, key, 0.25, 0.8))
+    assert np.array_equal(got, buffer) and got_key == key
+    assert loss == pytest.approx(0.25) and acc == pytest.approx(0.8)
+    # only the ids, a digest and one opaque buffer travel: no path, no image
+    content = step_request(buffer, key, ["s1"])
+    assert set(content.keys()) == {"state", "batch"}
+    assert set(content["batch"].keys()) == {"ids", "state"}
+    # a state the node holds travels by its digest alone
+    assert read_step_request(step_request(None, key, ["s1"]))[:2] == (None, key)
+    assert "state" not in step_request(None, key, ["s1"]).keys()
+
+
+def test_digest_names_the_bytes():
+    buffer = pack(_state())
+    changed = buffer.copy()
+    changed[-1] ^= 1
+    assert digest(buffer) == digest(buffer.copy()) != digest(changed) and len(digest(buffer)) == 32
 
 
 def _ident(center: str, subjects: list[str], harmful: list[int] | None = None) -> Identity:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from dqc.errors import DQCError
-from dqc.federated.messages import pack, unpack
+from dqc.federated.messages import StateMissing, digest, pack, unpack
 from dqc.federated.node import CenterNode, WorkerNode
 from dqc.federated.simulate import split_by_center
 
@@ -42,7 +42,7 @@ def test_identity_counts_and_refusals(node_csvs: list[Path]):
     assert ident.shape == (20, 24, 20) and ident.harmful is None
     other = pd.read_csv(node_csvs[1], dtype={"Subject": str}).Subject[0]
     with pytest.raises(DQCError, match=rf"does not hold subject\(s\) {other}: refused"):
-        node.train_step(np.zeros(4, np.uint8), [table.Subject[0], other])
+        node.train_step(np.zeros(4, np.uint8), "k", [table.Subject[0], other])
 
 
 def test_a_node_holds_one_center(cohort: dict):
@@ -68,11 +68,18 @@ def _local_step(csv: Path, ids: list[str]):
 def test_node_step_equals_the_local_step_bit_for_bit(node_csvs: list[Path]):
     ids = list(pd.read_csv(node_csvs[0], dtype={"Subject": str}).Subject[:3])
     start, local, spec, local_loss = _local_step(node_csvs[0], ids)
-    state, loss, _ = CenterNode(node_csvs[0]).train_step(pack(start), ids)
+    node = CenterNode(node_csvs[0])
+    with pytest.raises(StateMissing):  # a digest alone is refused until the node holds it
+        node.train_step(None, digest(pack(start)), ids)
+    state, key, loss, _ = node.train_step(pack(start), digest(pack(start)), ids)
     remote = unpack(state, spec)
-    assert loss == local_loss
+    assert loss == local_loss and key == digest(state)
     assert all(np.array_equal(a, b) for a, b in zip(local, remote))
     assert not all(np.array_equal(a, b) for a, b in zip(start, remote))  # it did train
+    # the node holds its last input and output: by digest alone it repeats the same step
+    again, again_key, again_loss, _ = node.train_step(None, digest(pack(start)), ids)
+    assert again_key == key and again_loss == loss and np.array_equal(again, state)
+    assert node.train_step(None, key, ids)[1] != key  # and continues from its output
 
 
 def test_worker_serves_the_same_answers_over_its_socket(node_csvs: list[Path],
@@ -89,11 +96,13 @@ def test_worker_serves_the_same_answers_over_its_socket(node_csvs: list[Path],
         assert remote.identity() == CenterNode(csv).identity()
         ids = list(pd.read_csv(csv, dtype={"Subject": str}).Subject[:2])
         start, local, spec, local_loss = _local_step(csv, ids)
-        state, loss, _ = remote.train_step(pack(start), ids)
+        with pytest.raises(StateMissing):
+            remote.train_step(None, "no such state", ids)
+        state, _, loss, _ = remote.train_step(pack(start), digest(pack(start)), ids)
         assert loss == local_loss
         assert all(np.array_equal(a, b) for a, b in zip(local, unpack(state, spec)))
         with pytest.raises(DQCError, match="does not hold subject"):
-            remote.train_step(pack(start), ["nobody"])
+            remote.train_step(pack(start), "k", ["nobody"])
         key = tmp_path / "w.sock.key"
         secret = key.read_bytes()
         key.write_bytes(b"wrong key")  # a local intruder without the secret

@@ -107,3 +107,5 @@ def test_network_figures_are_written(simulated: dict):
     log = pd.read_csv(simulated["out"] / "qc.csv", keep_default_na=False)
     assert figures["updates"] == len(log) - 1  # one remote step per evaluation after baseline
     assert 0 < figures["median_update_s"] <= figures["max_update_s"]
+    # the next batch at the same center, or a retry after an undo, sends a digest only
+    assert 0 < figures["states_sent"] < figures["updates"]

@@ -9,6 +9,7 @@ center name, its subject ids, label counts, image shape and, for simulated studi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 WHOAMI = "query.whoami"   # ClientApp handler @app.query("whoami")
 STEP = "train.step"       # ClientApp handler @app.train("step")
 REFUSED = 4001            # Error code of a node's refusal (unknown ids, bad state, bad data)
+MISSING = 4002            # Error code: the node does not hold the state named by a digest
 
 
 Spec = Sequence[tuple[tuple[int, ...], str]]  # (shape, dtype) of each state array, in order
@@ -45,24 +47,41 @@ def unpack(buffer: np.ndarray, spec: Spec) -> list[np.ndarray]:
             for (shape, dtype), size, end in zip(spec, sizes, ends)]
 
 
-def step_request(state: np.ndarray, ids: Sequence[str]) -> RecordDict:
-    """A packed state (`pack`) and the ids of one update."""
-    return RecordDict({"state": ArrayRecord([state]),
-                       "batch": ConfigRecord({"ids": [str(i) for i in ids]})})
+def digest(state: np.ndarray) -> str:
+    """A short name for a packed state (BLAKE2b, 128 bits)."""
+    return hashlib.blake2b(memoryview(state), digest_size=16).hexdigest()
 
 
-def read_step_request(content: RecordDict) -> tuple[np.ndarray, list[str]]:
-    return content["state"].to_numpy_ndarrays()[0], list(content["batch"]["ids"])
+class StateMissing(DQCError):
+    """The node does not hold the state a request names by digest only."""
 
 
-def step_reply(state: np.ndarray, loss: float, accuracy: float) -> RecordDict:
-    return RecordDict({"state": ArrayRecord([state]),
+def step_request(state: np.ndarray | None, key: str, ids: Sequence[str]) -> RecordDict:
+    """The ids of one update and the state to start from, `key` = `digest(state)`.
+
+    `state` is None when the node holds that state already (the last one it was sent or
+    sent back): then only the digest travels, not ~34 MB.
+    """
+    records = {"batch": ConfigRecord({"ids": [str(i) for i in ids], "state": key})}
+    if state is not None:
+        records["state"] = ArrayRecord([state])
+    return RecordDict(records)
+
+
+def read_step_request(content: RecordDict) -> tuple[np.ndarray | None, str, list[str]]:
+    state = content["state"].to_numpy_ndarrays()[0] if "state" in content else None
+    return state, str(content["batch"]["state"]), list(content["batch"]["ids"])
+
+
+def step_reply(state: np.ndarray, key: str, loss: float, accuracy: float) -> RecordDict:
+    return RecordDict({"state": ArrayRecord([state]), "key": ConfigRecord({"state": key}),
                        "metrics": MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})})
 
 
-def read_step_reply(content: RecordDict) -> tuple[np.ndarray, float, float]:
+def read_step_reply(content: RecordDict) -> tuple[np.ndarray, str, float, float]:
     metrics = content["metrics"]
-    return content["state"].to_numpy_ndarrays()[0], metrics["loss"], metrics["accuracy"]
+    return (content["state"].to_numpy_ndarrays()[0], str(content["key"]["state"]),
+            metrics["loss"], metrics["accuracy"])
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from dqc.errors import DQCError
-from dqc.federated.messages import (REFUSED, Identity, identity_reply, pack, read_step_request,
-                                    step_reply, unpack)
+from dqc.federated.messages import (MISSING, REFUSED, Identity, StateMissing, digest,
+                                    identity_reply, pack, read_step_request, step_reply, unpack)
 
 
 class CenterNode:
@@ -37,6 +37,7 @@ class CenterNode:
         first = self.table.iloc[0]
         self.shape = image_shape(first.Path, first.Subject)
         self._store = None
+        self._held: dict[str, np.ndarray] = {}
 
     def identity(self) -> Identity:
         t = self.table
@@ -52,21 +53,35 @@ class CenterNode:
             self._store = VolumeStore(self.table, self.shape, cache=self.cache, verbose=False)
         return shared_trainer(self.shape), self._store
 
-    def train_step(self, state: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, float, float]:
-        """One optimizer step on `ids`, from the server's packed state; the new packed state."""
+    def train_step(self, state: np.ndarray | None, key: str,
+                   ids: Sequence[str]) -> tuple[np.ndarray, str, float, float]:
+        """One optimizer step on `ids` from the server's packed state (or, when `state` is
+        None, the held state named `key`); the new packed state and its digest.
+
+        The node keeps its last input and output states: a cache that spares sending the
+        state back to the node that produced it (the next batch at the same center) or that
+        was just sent it (a retry after an undo). The server stays the authority.
+        """
         unknown = [i for i in ids if i not in self.ids]
         if unknown:
             raise DQCError(f"center {self.center} does not hold subject(s) "
                            f"{', '.join(unknown[:5])}: refused")
         if not ids:
             raise DQCError(f"center {self.center}: empty batch refused")
+        if state is None:
+            state = self._held.get(key)
+            if state is None:
+                raise StateMissing(f"center {self.center} does not hold state {key}")
         trainer, store = self._ready()
         try:
             trainer.load_state_arrays(unpack(state, trainer.state_spec()))
         except (ValueError, DQCError) as exc:
             raise DQCError(f"center {self.center}: the server's model does not fit ({exc})") from None
         loss, acc = trainer.train_step(store.batch(ids), store.y(ids))
-        return pack(trainer.state_arrays()), loss, acc
+        out = pack(trainer.state_arrays())
+        out_key = digest(out)
+        self._held = {key: state, out_key: out}
+        return out, out_key, loss, acc
 
 
 def node_csv(context: Context, nodes_dir: str | None = None) -> str:
@@ -124,15 +139,16 @@ class WorkerNode:
                 status, *result = c.recv()
         except (OSError, EOFError, AuthenticationError) as exc:
             raise DQCError(f"node worker at {self.socket_path} is not answering ({exc})") from None
-        if status == "error":
-            raise DQCError(result[0])
+        if status != "ok":
+            raise (StateMissing if status == "missing" else DQCError)(result[0])
         return result
 
     def identity(self) -> Identity:
         return self._call(("whoami",))[0]
 
-    def train_step(self, state: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, float, float]:
-        return tuple(self._call(("step", state, list(ids))))
+    def train_step(self, state: np.ndarray | None, key: str,
+                   ids: Sequence[str]) -> tuple[np.ndarray, str, float, float]:
+        return tuple(self._call(("step", state, key, list(ids))))
 
 
 def worker_key(socket_path: str | Path) -> bytes:
@@ -169,9 +185,9 @@ def serve_worker(csv_path: str | Path, socket_path: str | Path,
                     if request[0] == "whoami":
                         conn.send(("ok", node.identity()))
                     else:
-                        conn.send(("ok", *node.train_step(request[1], request[2])))
+                        conn.send(("ok", *node.train_step(*request[1:])))
                 except DQCError as exc:
-                    conn.send(("error", str(exc)))
+                    conn.send(("missing" if isinstance(exc, StateMissing) else "error", str(exc)))
 
 
 def node_for(context: Context, csv_for: Callable[[Context], str]):
@@ -191,7 +207,8 @@ def client_app(csv_for: Callable[[Context], str] = node_csv) -> ClientApp:
         try:
             return Message(work(), reply_to=msg)
         except DQCError as exc:
-            return Message(Error(code=REFUSED, reason=str(exc)), reply_to=msg)
+            code = MISSING if isinstance(exc, StateMissing) else REFUSED
+            return Message(Error(code=code, reason=str(exc)), reply_to=msg)
 
     @app.query("whoami")
     def whoami(msg: Message, context: Context) -> Message:
@@ -200,8 +217,7 @@ def client_app(csv_for: Callable[[Context], str] = node_csv) -> ClientApp:
     @app.train("step")
     def step(msg: Message, context: Context) -> Message:
         def work():
-            state, ids = read_step_request(msg.content)
-            return step_reply(*node_for(context, csv_for).train_step(state, ids))
+            return step_reply(*node_for(context, csv_for).train_step(*read_step_request(msg.content)))
         return answer(msg, work)
 
     return app

@@ -22,8 +22,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from dqc.errors import DQCError
-from dqc.federated.messages import (STEP, WHOAMI, Identity, pack, read_identity,
-                                    read_step_reply, roster_table, step_request, unpack)
+from dqc.federated.messages import (MISSING, STEP, WHOAMI, Identity, StateMissing, digest,
+                                    pack, read_identity, read_step_reply, roster_table,
+                                    step_request, unpack)
 
 #: Run-config keys of the ServerApp beyond the QC flags (see federated/pyproject.toml).
 NETWORK_DEFAULTS = {"min-nodes": 1, "wait-nodes-s": 120.0, "step-timeout-s": 600.0,
@@ -76,7 +77,8 @@ def exchange(grid: Grid, messages: Sequence[Message], timeout: float,
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
             if reply.has_error():
-                raise DQCError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                kind = StateMissing if reply.error.code == MISSING else DQCError
+                raise kind(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
             replies.append(reply)
         if pending and time.monotonic() > deadline:
             raise DQCError(f"{len(pending)} node(s) did not answer within {timeout:.0f} s")
@@ -106,22 +108,37 @@ def roster(grid: Grid, node_ids: Sequence[int], timeout: float,
 
 
 class RemoteStep:
-    """`travel.Step` over the network: send the state and ids, adopt the returned state."""
+    """`travel.Step` over the network: send the state and ids, adopt the returned state.
+
+    A node keeps the last state it was sent and the one it sent back; when the server's
+    state is one of those (the next batch at the same center, a retry after an undo) only
+    its digest travels. A node that lost it answers so, and gets the whole state.
+    """
 
     def __init__(self, grid: Grid, nodes: dict[str, int], trainer, timeout: float,
                  poll: float):
         self.grid, self.nodes, self.trainer = grid, nodes, trainer
         self.timeout, self.poll = timeout, poll
+        self.held: dict[str, set[str]] = {}  # center -> digests of the states its node holds
         self.seconds: list[float] = []  # per update: serialise, round trip, adopt
+        self.states_sent = 0
+
+    def _send(self, center: str, state: np.ndarray | None, key: str, ids: list[str]):
+        msg = Message(step_request(state, key, ids), self.nodes[center], STEP, group_id=center)
+        self.states_sent += state is not None
+        return read_step_reply(exchange(self.grid, [msg], self.timeout, self.poll)[0].content)
 
     def __call__(self, center: str, ids: list[str]) -> tuple[float, float]:
         start = time.perf_counter()
-        msg = Message(step_request(pack(self.trainer.state_arrays()), ids), self.nodes[center],
-                      STEP, group_id=center)
-        state, loss, acc = read_step_reply(exchange(self.grid, [msg], self.timeout,
-                                                    self.poll)[0].content)
-        arrays = unpack(state, self.trainer.state_spec())
-        self.trainer.load_state_arrays(arrays)
+        state = pack(self.trainer.state_arrays())
+        key = digest(state)
+        try:
+            held = key in self.held.get(center, set())
+            out, out_key, loss, acc = self._send(center, None if held else state, key, ids)
+        except StateMissing:
+            out, out_key, loss, acc = self._send(center, state, key, ids)
+        self.trainer.load_state_arrays(unpack(out, self.trainer.state_spec()))
+        self.held[center] = {key, out_key}
         self.seconds.append(time.perf_counter() - start)
         return loss, acc
 
@@ -158,6 +175,7 @@ def serve(grid: Grid, config: dict) -> dict:
     run_quality_control(spec, qspec, train=table, make_step=make_step)
     seconds = steps[0].seconds if steps else []
     figures = {"updates": len(seconds),
+               "states_sent": steps[0].states_sent if steps else 0,
                "median_update_s": statistics.median(seconds) if seconds else None,
                "mean_update_s": float(np.mean(seconds)) if seconds else None,
                "max_update_s": max(seconds) if seconds else None}
