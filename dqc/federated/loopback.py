@@ -261,10 +261,17 @@ def start_federation(work: Path, processes: Processes, port: int = 0) -> Federat
     return Federation(work, processes, tls, port)
 
 
+#: How often a node's SuperExec looks for a message to start a ClientApp for (Flower: 1 s;
+#: 0.2 s cut the median update from 6.8 s to 5.9 s on loopback; 0.1 s cost more CPU than
+#: it saved on 2 cores).
+TASK_POLL_S = 0.2
+
+
 def flower_env(work: Path) -> dict:
     env = {**os.environ, "FLWR_HOME": str(work / "flwr_home"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+           "PYTHONWARNINGS": "ignore::DeprecationWarning",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_S)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
