@@ -87,7 +87,7 @@ class Trainer:
     def snapshot(self) -> list:
         """A copy of the state on the device (no host round trip unless `host_snapshots`)."""
         if self.host_snapshots:
-            return [keras.ops.convert_to_numpy(v.value).copy() for v in self.state_variables]
+            return self.state_arrays()
         return [keras.ops.copy(v.value) for v in self.state_variables]
 
     def restore(self, snapshot: list) -> None:
@@ -97,7 +97,7 @@ class Trainer:
 
     def state_arrays(self) -> list[np.ndarray]:
         """Host copy of the whole state, in `state_variables` order (what travels to a node)."""
-        return [np.asarray(v.numpy()) for v in self.state_variables]
+        return [v.numpy() for v in self.state_variables]
 
     def state_spec(self) -> list[tuple[tuple[int, ...], str]]:
         """(shape, dtype) of each `state_arrays` entry."""

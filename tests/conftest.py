@@ -265,3 +265,24 @@ def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "common": common, "train": train, "single": single,
             "val": pd.read_csv(pre["val"], dtype={"Subject": str}),
             "val_dir": Path(pre["val"]).parent}
+
+
+def assert_same_qc_outputs(expected: Path, actual: Path, last_cycle: int) -> pd.DataFrame:
+    """Log, per-image table, summary, models and optimizer state are identical; the log."""
+    import json
+
+    import keras
+
+    log = pd.read_csv(expected / "qc.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(pd.read_csv(actual / "qc.csv", keep_default_na=False), log)
+    pd.testing.assert_frame_equal(pd.read_csv(actual / "qc_images.csv"),
+                                  pd.read_csv(expected / "qc_images.csv"))
+    assert json.loads((actual / "qc_summary.json").read_text()) == \
+        json.loads((expected / "qc_summary.json").read_text())
+    for part in ("encoder", "classifier"):
+        a, b = (keras.saving.load_model(d / f"qc_{part}_{last_cycle:03d}.keras", compile=False)
+                for d in (expected, actual))
+        assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    a, b = (np.load(d / f"qc_state_{last_cycle:03d}.npz") for d in (expected, actual))
+    assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("v"))
+    return log

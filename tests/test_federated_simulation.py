@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-import keras
-import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+
+from conftest import assert_same_qc_outputs
 
 
 class OpenedFiles:
@@ -65,31 +65,15 @@ def simulated(federated_case: dict) -> dict:
     return {"out": out, "figures": figures, "opened": spy.paths}
 
 
-def test_same_log_and_decisions_as_one_machine(single: Path, simulated: dict):
-    log = pd.read_csv(single / "qc.csv", keep_default_na=False)
-    fed = pd.read_csv(simulated["out"] / "qc.csv", keep_default_na=False)
+def test_same_log_decisions_and_models_as_one_machine(single: Path, simulated: dict):
+    fed = assert_same_qc_outputs(single, simulated["out"], last_cycle=4)
     assert list(fed.columns) == ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN",
                                  "Ignored"]
-    pd.testing.assert_frame_equal(fed, log)
     # the decisions are not trivial: updates were undone and images eliminated
     assert fed.Ignored.sum() >= 10 and (fed.Ignored == 0).sum() >= 3
-    images = pd.read_csv(single / "qc_images.csv")
-    fed_images = pd.read_csv(simulated["out"] / "qc_images.csv")
-    pd.testing.assert_frame_equal(fed_images, images)
-    eliminated = set(fed_images.Subject[fed_images.eliminated == 1])
-    assert eliminated and eliminated == set(images.Subject[images.eliminated == 1])
-    assert "Harmful" in fed_images.columns  # the nodes' ground truth reached the report
-    assert json.loads((simulated["out"] / "qc_summary.json").read_text()) == \
-        json.loads((single / "qc_summary.json").read_text())
-
-
-def test_same_models_as_one_machine(single: Path, simulated: dict):
-    for part in ("encoder", "classifier"):
-        a = keras.saving.load_model(single / f"qc_{part}_004.keras", compile=False)
-        b = keras.saving.load_model(simulated["out"] / f"qc_{part}_004.keras", compile=False)
-        assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
-    a, b = (np.load(d / "qc_state_004.npz") for d in (single, simulated["out"]))
-    assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("v"))
+    images = pd.read_csv(simulated["out"] / "qc_images.csv")
+    assert images.eliminated.sum() > 0
+    assert "Harmful" in images.columns  # the nodes' ground truth reached the report
 
 
 def test_server_never_opens_a_training_image(federated_case: dict, simulated: dict):

@@ -25,8 +25,8 @@ def parse_args(argv=None):
         if name == "deploy":
             q.add_argument("--work", default=None, help="folder for keys, certificates, node "
                            "CSVs and process logs (default: a temporary folder, removed after)")
-            q.add_argument("--port", type=int, default=0, help="first of the loopback ports "
-                           "to use (default: free ports)")
+            q.add_argument("--port", type=int, default=0, help="the SuperLink's loopback port "
+                           "(default: a free one; nodes always take free ports)")
     w = sub.add_parser("worker", help="a center's long-running node worker",
                        description="Serve one center's training steps over a local socket.")
     w.add_argument("--csv", required=True, help="the center's CSV (one Study; its images)")

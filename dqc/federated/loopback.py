@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dqc.errors import DQCError
-from dqc.federated.server import check_server_inputs, config_from_args
+from dqc.federated.server import check_server_inputs, config_from_args, specs_from_config
 from dqc.federated.simulate import split_by_center
 
 APP_DIR = Path(__file__).resolve().parents[2] / "federated"
@@ -286,7 +286,7 @@ def deploy(args: argparse.Namespace, timeout: float = 3600.0) -> Path:
     config = {**config_from_args(args), "out": str(out), "min-nodes": len(nodes)}
     for key in ("fn-test", "en", "pd"):
         config[key] = str(Path(config[key]).resolve())
-    check_server_inputs(config)  # before any process starts
+    check_server_inputs(*specs_from_config(config))  # before any process starts
     try:
         fed = start_federation(work, processes, args.port)
         names = [f"node-{i}" for i in range(len(nodes))]

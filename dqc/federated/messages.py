@@ -119,10 +119,12 @@ def roster_table(identities: Sequence[Identity]) -> "pd.DataFrame":
     """
     import pandas as pd
 
+    centers = [i.center for i in identities]
+    twice = sorted({c for c in centers if centers.count(c) > 1})
+    if twice:
+        raise DQCError(f"two nodes say they are center {twice[0]!r}")
     seen: dict[str, str] = {}
     for ident in identities:
-        if any(i.center == ident.center for i in identities if i is not ident):
-            raise DQCError(f"two nodes say they are center {ident.center!r}")
         for s in ident.subjects:
             if s in seen:
                 raise DQCError(f"subject {s!r} is held by both {seen[s]!r} and {ident.center!r}")

@@ -24,7 +24,7 @@ from dqc.federated.messages import (MISSING, REFUSED, Identity, StateMissing, di
 class CenterNode:
     """One center's training images (from its own CSV) and a trainer over them."""
 
-    def __init__(self, csv_path: str | Path, cache: bool = True):
+    def __init__(self, csv_path: str | Path):
         from dqc.data import image_shape, load_table  # not needed by a worker's ClientApp
 
         self.table = load_table(csv_path, "train")
@@ -32,7 +32,7 @@ class CenterNode:
         if len(centers) != 1:
             raise DQCError(f"{csv_path}: a node holds one center, this CSV has {len(centers)} "
                            f"({', '.join(centers[:5])})")
-        self.center, self.cache = centers[0], cache
+        self.center = centers[0]
         self.ids = set(self.table.Subject)
         first = self.table.iloc[0]
         self.shape = image_shape(first.Path, first.Subject)
@@ -50,7 +50,7 @@ class CenterNode:
         if self._store is None:
             from dqc.volumes import VolumeStore
 
-            self._store = VolumeStore(self.table, self.shape, cache=self.cache, verbose=False)
+            self._store = VolumeStore(self.table, self.shape, verbose=False)
         return shared_trainer(self.shape), self._store
 
     def train_step(self, state: np.ndarray | None, key: str,
@@ -90,9 +90,8 @@ def node_csv(context: Context, nodes_dir: str | None = None) -> str:
     config = context.node_config
     if "data-csv" in config:
         return str(config["data-csv"])
-    folder = nodes_dir or context.run_config.get("nodes-dir")
-    if folder and "partition-id" in config:
-        return str(Path(str(folder)) / f"node_{int(config['partition-id'])}.csv")
+    if nodes_dir and "partition-id" in config:
+        return str(Path(nodes_dir) / f"node_{int(config['partition-id'])}.csv")
     raise DQCError("this node has no data: start it with --node-config 'data-csv=\"CSV\"'")
 
 
@@ -166,11 +165,11 @@ def serve_worker(csv_path: str | Path, socket_path: str | Path,
 
     node = CenterNode(csv_path)
     node._ready()  # TensorFlow, the model and the images, once
-    key_path = Path(f"{socket_path}.key")
-    key_path.write_bytes(b"")
+    key_path, secret = Path(f"{socket_path}.key"), secrets.token_bytes(32)
+    key_path.touch(mode=0o600)  # private before the secret goes in
     key_path.chmod(0o600)
-    key_path.write_bytes(secrets.token_bytes(32))
-    with Listener(str(socket_path), "AF_UNIX", authkey=key_path.read_bytes()) as listener:
+    key_path.write_bytes(secret)
+    with Listener(str(socket_path), "AF_UNIX", authkey=secret) as listener:
         os.chmod(socket_path, 0o600)
         if ready:
             ready()

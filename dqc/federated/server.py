@@ -39,27 +39,27 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
 
 def specs_from_config(config: dict):
-    """(`RunSpec`, `QCSpec`) for the server from a run config; float32, images cached."""
-    from dqc.cli import qc_specs
+    """(`RunSpec`, `QCSpec`) for the server from a run config: the QC script's flags with
+    their defaults, overridden by the config's keys (float32, images cached)."""
+    from dqc.cli import Parser, add_qc_flags, qc_specs
 
     values = {k.replace("-", "_"): v for k, v in config.items()}
     missing = [k for k in ("fn_test", "en", "pd", "cycles") if not values.get(k)]
     if missing:
         raise DQCError("run config lacks " + ", ".join(k.replace("_", "-") for k in missing))
-    defaults = dict(revisit=2, error=0.02, fn_save="qc", batch_size=5, start_cycle=10,
-                    legacy_rates=False, out="federated_out", seed=42, resume=False,
-                    eval_batch_size=16, quiet=False)
-    args = argparse.Namespace(**{**defaults, **values, "fn_train": "", "no_cache": False,
-                                 "cache_mb": None, "mixed_precision": False})
+    parser = Parser()
+    add_qc_flags(parser)
+    args = parser.parse_args(["-fn_train", "", "-fn_test", "", "-cycles", "0", "-en", "",
+                              "-pd", ""])
+    vars(args).update({k: v for k, v in values.items() if k in vars(args) and k != "fn_train"})
     args.cycles, args.start_cycle = int(args.cycles), int(args.start_cycle)
     return qc_specs(args)
 
 
-def check_server_inputs(config: dict) -> None:
+def check_server_inputs(spec, qspec) -> None:
     """Fail before any node is contacted when the server's own files are unusable."""
     from dqc.data import load_table, require_both_classes
 
-    spec, qspec = specs_from_config(config)
     require_both_classes(load_table(qspec.val_csv, "validation"), qspec.val_csv)
     for path, what in ((spec.encoder, "encoder"), (spec.classifier, "classifier")):
         if not Path(path).is_file():
@@ -154,11 +154,12 @@ def _check_shapes(identities: Sequence[Identity], trainer) -> None:
 
 def serve(grid: Grid, config: dict) -> dict:
     """Run quality control with the nodes of `grid`; returns the network figures."""
+    from dqc.checkpoint import write_text
     from dqc.runs import run_quality_control
 
     config = {**NETWORK_DEFAULTS, **config}
-    check_server_inputs(config)
     spec, qspec = specs_from_config(config)
+    check_server_inputs(spec, qspec)
     poll, timeout = float(config["poll-s"]), float(config["step-timeout-s"])
     node_ids = wait_for_nodes(grid, int(config["min-nodes"]), float(config["wait-nodes-s"]))
     table, nodes, identities = roster(grid, node_ids, timeout, poll)
@@ -173,15 +174,12 @@ def serve(grid: Grid, config: dict) -> dict:
         return steps[-1]
 
     run_quality_control(spec, qspec, train=table, make_step=make_step)
-    seconds = steps[0].seconds if steps else []
-    figures = {"updates": len(seconds),
-               "states_sent": steps[0].states_sent if steps else 0,
+    seconds = steps[0].seconds
+    figures = {"updates": len(seconds), "states_sent": steps[0].states_sent,
                "median_update_s": statistics.median(seconds) if seconds else None,
                "mean_update_s": float(np.mean(seconds)) if seconds else None,
                "max_update_s": max(seconds) if seconds else None}
-    path = Path(spec.out) / f"{qspec.name}_network.json"
-    from dqc.checkpoint import write_text
-    write_text(path, json.dumps(figures, indent=2))
+    write_text(Path(spec.out) / f"{qspec.name}_network.json", json.dumps(figures, indent=2))
     spec.echo(f"{figures['updates']} remote updates, median {figures['median_update_s'] or 0:.3f} s"
               f" per update (state, ids, round trip, adopt)")
     return figures

@@ -16,7 +16,8 @@ from dqc.checkpoint import atomic_write
 from dqc.data import load_table
 from dqc.errors import DQCError
 from dqc.federated.node import client_app, node_csv
-from dqc.federated.server import check_server_inputs, config_from_args, server_app
+from dqc.federated.server import (check_server_inputs, config_from_args, server_app,
+                                  specs_from_config)
 
 
 def split_by_center(train_csv: str | Path, folder: str | Path) -> list[Path]:
@@ -51,7 +52,7 @@ def simulate(args: argparse.Namespace) -> dict:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"keras(\.|$)")
 
     config = config_from_args(args)
-    check_server_inputs(config)  # before Ray starts
+    check_server_inputs(*specs_from_config(config))  # before Ray starts
     nodes_dir = Path(args.out) / "nodes"
     nodes = split_by_center(args.fn_train, nodes_dir)
     outcome: dict = {}
