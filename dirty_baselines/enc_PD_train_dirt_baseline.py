@@ -10,7 +10,8 @@ from dqc.cli import quiet_backend
 
 quiet_backend()
 
-from dqc.cli import Parser, add_run_flags, run_main, run_options  # noqa: E402
+from dqc.cli import (Parser, add_lr_schedule_flag, add_run_flags, run_main,  # noqa: E402
+                     run_options)
 
 
 def parse_args(argv=None):
@@ -25,6 +26,7 @@ def parse_args(argv=None):
                    "of n images)")
     p.add_argument("--start-cycle", type=int, default=10, help="first cycle (the pre-trained "
                    "model ends at START-1)")
+    add_lr_schedule_flag(p)
     add_run_flags(p, seed=42, prefix="dirty")
     return p.parse_args(argv)
 
@@ -35,7 +37,8 @@ def main(argv=None):
 
     spec = RunSpec(train_csv=args.fn_train, prefix=args.prefix,
                    cycles=range(args.start_cycle, args.cycles), batch_size=args.batch_size,
-                   epochs=args.epochs, encoder=args.en, classifier=args.pd, **run_options(args))
+                   epochs=args.epochs, encoder=args.en, classifier=args.pd,
+                   lr_schedule=args.lr_schedule, **run_options(args))
     train_cycles(spec)
 
 

@@ -86,6 +86,16 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_lr_schedule_flag(parser: argparse.ArgumentParser) -> None:
+    """For runs that continue a pre-trained model (dirty baseline, QC)."""
+    parser.add_argument("--lr-schedule", choices=("continue", "restart"), default="continue",
+                        help="continue: cycle c trains at 1e-4 * exp(-0.1 c); restart (the "
+                        "authors' dirty/QC scripts): the first cycle keeps the loaded rate "
+                        "1e-4 * exp(-0.1 START), each later cycle c trains at "
+                        "1e-4 * exp(-0.1 (c - START)): exp(0.1 START) times the continued "
+                        "rate (2.7x from START 10)")
+
+
 def run_options(args: argparse.Namespace) -> dict:
     """The `add_run_flags` values as `dqc.runs.RunSpec` keyword arguments."""
     return {"out": args.out, "seed": args.seed, "resume": args.resume,
@@ -110,7 +120,8 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-revisit", type=int, default=2, help="R: a flagged image is left out and "
                    "retried alone R cycles later; harmful again means eliminated")
     p.add_argument("-error", type=float, default=0.02, help="e: tolerated rise of either rate "
-                   "per image in the update (k * e for k images)")
+                   "per image in the update (k * e for k images); with --criterion loss, the "
+                   "tolerated rise of the validation cross-entropy per image, in nats")
     p.add_argument("-fn_save", default="qc", help="NAME of the outputs: NAME.csv (log), "
                    "NAME_images.csv, NAME_summary.json and NAME_*_CCC model files")
     p.add_argument("--batch-size", type=int, default=5, help="images per update")
@@ -118,6 +129,20 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "model ends at START-1)")
     p.add_argument("--legacy-rates", action="store_true", help="the authors' denominators: "
                    "FP / number of PD and FN / number of HC (default: FP / HC, FN / PD)")
+    p.add_argument("--criterion", choices=("rates", "loss", "mcnemar", "trainloss"),
+                   default="rates", help="what makes an update harmful. rates: the paper's "
+                   "rule (FPR or FNR rises by more than k * e); loss: the validation "
+                   "cross-entropy rises by more than k * e nats; mcnemar: exact one-sided "
+                   "McNemar test on the validation predictions the update changed (p < alpha); "
+                   "trainloss: the update's own training loss exceeds median + z * 1.4826 * MAD "
+                   "of the last --window accepted updates' (no validation set needed to "
+                   "decide). Other than rates, the log gains VAL_LOSS, VAL_AUROC, TRAIN_LOSS, "
+                   "STATISTIC, LIMIT")
+    p.add_argument("--alpha", type=float, default=0.05, help="mcnemar: significance level")
+    p.add_argument("--z", type=float, default=3.0, help="trainloss: robust z-score bound")
+    p.add_argument("--window", type=int, default=50, help="trainloss: how many accepted "
+                   "updates' losses to compare with (flags nothing before 10 are known)")
+    add_lr_schedule_flag(p)
     add_run_flags(p, seed=42, prefix=None)
 
 
@@ -127,9 +152,12 @@ def qc_specs(args: argparse.Namespace):
 
     spec = RunSpec(train_csv=args.fn_train, prefix=args.fn_save,
                    cycles=range(args.start_cycle, args.cycles), batch_size=args.batch_size,
-                   encoder=args.en, classifier=args.pd, **run_options(args))
+                   encoder=args.en, classifier=args.pd, lr_schedule=args.lr_schedule,
+                   **run_options(args))
     qspec = QCSpec(val_csv=args.fn_test, error=args.error, revisit=args.revisit,
-                   name=args.fn_save, legacy_rates=args.legacy_rates)
+                   name=args.fn_save, legacy_rates=args.legacy_rates,
+                   criterion=args.criterion, alpha=float(args.alpha), z=float(args.z),
+                   window=int(args.window))
     return spec, qspec
 
 

@@ -1,4 +1,4 @@
-"""Quality control: the harm rule and the verification / revisit / elimination policy.
+"""Quality control: the harm criteria and the verification / revisit / elimination policy.
 
 Pure Python and numpy, no deep-learning import: training, evaluation, snapshot and restore
 come in as callables, so the policy is the same whether a step runs here or on a hospital's
@@ -7,6 +7,8 @@ machine, and it can be tested with a stand-in evaluator.
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -14,19 +16,39 @@ import numpy as np
 
 #: Floating-point slack so that a rise exactly equal to the threshold is not harmful.
 TOLERANCE = 1e-9
+#: Keras clips predicted probabilities to [eps, 1 - eps] in binary cross-entropy.
+BCE_EPSILON = 1e-7
+#: The trainloss criterion flags nothing until this many accepted losses are known.
+MIN_WINDOW = 10
+#: MAD * this estimates the standard deviation of normally distributed values.
+MAD_TO_SD = 1.4826
 
 LOG_COLUMNS = ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN", "Ignored"]
+#: Appended to the paper's nine columns under any criterion but `rates`.
+CRITERION_COLUMNS = ["VAL_LOSS", "VAL_AUROC", "TRAIN_LOSS", "STATISTIC", "LIMIT"]
+#: Each criterion's parameters (the `Criterion` fields it reads).
+CRITERIA = {"rates": ("error",), "loss": ("error",), "mcnemar": ("alpha",),
+            "trainloss": ("z", "window")}
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The server's verdict data for one model state on the validation set."""
+    """The server's verdict data for one model state on the validation set.
+
+    `pred` holds the 0/1 predictions in validation order as a '0'/'1' string (and `truth`
+    the labels), so that a reference survives the JSON of a checkpoint and McNemar can pair
+    its images with a candidate's.
+    """
 
     acc: float
     fp: int
     fn: int
     fpr: float
     fnr: float
+    loss: float = math.nan
+    auroc: float = math.nan
+    pred: str = ""
+    truth: str = ""
 
 
 def evaluate_predictions(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5,
@@ -34,22 +56,151 @@ def evaluate_predictions(y_true: np.ndarray, scores: np.ndarray, threshold: floa
     """Accuracy, false positives/negatives and their rates at `threshold` (score >= t is PD).
 
     FPR = FP / number of HC, FNR = FN / number of PD. With `legacy_rates` the authors'
-    denominators are used instead (FP / number of PD, FN / number of HC).
+    denominators are used instead (FP / number of PD, FN / number of HC). Also the
+    cross-entropy, the AUROC and the predictions, which the other criteria judge by.
     """
     y = np.asarray(y_true).astype(int).reshape(-1)
-    pred = (np.asarray(scores).reshape(-1) >= threshold).astype(int)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    pred = (s >= threshold).astype(int)
     fp = int(np.sum((pred == 1) & (y == 0)))
     fn = int(np.sum((pred == 0) & (y == 1)))
     n_pd, n_hc = int(np.sum(y == 1)), int(np.sum(y == 0))
     fp_den, fn_den = (n_pd, n_hc) if legacy_rates else (n_hc, n_pd)
     return Evaluation(acc=float(np.mean(pred == y)), fp=fp, fn=fn,
-                      fpr=fp / fp_den, fnr=fn / fn_den)
+                      fpr=fp / fp_den, fnr=fn / fn_den, loss=binary_cross_entropy(y, s),
+                      auroc=roc_auc(y, s), pred=bits(pred), truth=bits(y))
+
+
+def bits(values: np.ndarray) -> str:
+    """0/1 values as a JSON-friendly string of '0' and '1'."""
+    return "".join("01"[int(v)] for v in values)
+
+
+def binary_cross_entropy(y: np.ndarray, scores: np.ndarray) -> float:
+    """Mean BCE in nats, probabilities clipped like Keras (so one sure miss stays finite)."""
+    p = np.clip(np.asarray(scores, dtype=np.float64), BCE_EPSILON, 1 - BCE_EPSILON)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their positions."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2)[inverse.reshape(-1)]
+
+
+def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half); NaN without both classes."""
+    positive = np.asarray(y).reshape(-1) == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return math.nan
+    rank_sum = float(average_ranks(np.asarray(scores).reshape(-1))[positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def is_harmful(new: Evaluation, reference: Evaluation, n_images: int, error: float) -> bool:
     """An update of n images is harmful when either rate rises by more than n * error."""
-    limit = n_images * error + TOLERANCE
-    return new.fpr - reference.fpr > limit or new.fnr - reference.fnr > limit
+    return rates_verdict(new, reference, n_images, error).harmful
+
+
+# --- criteria: each returns the decision with the statistic and limit it compared -----------
+
+@dataclass(frozen=True)
+class Verdict:
+    """A criterion's decision and the numbers it compared, so that the log can show why."""
+
+    harmful: bool
+    statistic: float = math.nan
+    limit: float = math.nan
+
+
+def rates_verdict(new: Evaluation, reference: Evaluation, n_images: int,
+                  error: float) -> Verdict:
+    """The paper's rule; statistic: the larger rise of FPR and FNR, limit n * error."""
+    limit = n_images * error
+    rise = max(new.fpr - reference.fpr, new.fnr - reference.fnr)
+    return Verdict(rise > limit + TOLERANCE, rise, limit)
+
+
+def loss_verdict(new_loss: float, reference_loss: float, n_images: int,
+                 tolerance: float) -> Verdict:
+    """Harmful when the validation BCE rises by more than n * tolerance nats: unlike the
+    rates it also sees scores that move towards the wrong side without crossing 0.5."""
+    limit = n_images * tolerance
+    rise = new_loss - reference_loss
+    return Verdict(rise > limit + TOLERANCE, rise, limit)
+
+
+def binomial_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2), exactly."""
+    return sum(math.comb(n, i) for i in range(max(k, 0), n + 1)) / 2 ** n
+
+
+def mcnemar_verdict(new: Evaluation, reference: Evaluation, alpha: float) -> Verdict:
+    """Exact one-sided McNemar test on the validation images whose prediction the update
+    changed: b right before and wrong now, c the reverse. Harmful when b > c and
+    P(X >= b) < alpha for X ~ Binomial(b + c, 1/2). Statistic: that p-value, limit: alpha.
+    """
+    if not (len(new.pred) == len(reference.pred) == len(new.truth)) or not new.pred:
+        raise ValueError("McNemar needs the predictions of the same validation images")
+    changed = [(old == y) for old, now, y in zip(reference.pred, new.pred, new.truth)
+               if old != now]
+    b = sum(changed)  # a changed prediction is right in exactly one of the two states
+    c = len(changed) - b
+    p = binomial_tail(b, b + c)
+    return Verdict(b > c and p < alpha, p, alpha)
+
+
+def robust_limit(window: Sequence[float], z: float) -> float:
+    """median + z * 1.4826 * MAD: a high outlier bound that a few outliers cannot inflate."""
+    median = statistics.median(window)
+    mad = statistics.median(abs(x - median) for x in window)
+    return median + z * MAD_TO_SD * mad
+
+
+def trainloss_verdict(train_loss: float, window: Sequence[float], z: float) -> Verdict:
+    """Harmful when the candidate's own training loss is an outlier among the recently
+    accepted ones; needs no validation set. Flags nothing while the window is short."""
+    if len(window) < MIN_WINDOW:
+        return Verdict(False, train_loss)
+    limit = robust_limit(window, z)
+    return Verdict(train_loss > limit + TOLERANCE, train_loss, limit)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Which rule judges an update, and its parameters (`CRITERIA` says which it reads).
+
+    error: per-image tolerance, of a rate (`rates`) or of the validation BCE in nats
+    (`loss`); alpha: McNemar's significance level; z, window: the `trainloss` bound and how
+    many accepted training losses it looks back on.
+    """
+
+    name: str = "rates"
+    error: float = 0.02
+    alpha: float = 0.05
+    z: float = 3.0
+    window: int = 50
+
+    def params(self) -> dict:
+        return {"name": self.name, **{k: getattr(self, k) for k in CRITERIA[self.name]}}
+
+    def judge(self, new: Evaluation, reference: Evaluation, n_images: int,
+              train_loss: float, accepted_losses: Sequence[float]) -> Verdict:
+        if self.name == "rates":
+            return rates_verdict(new, reference, n_images, self.error)
+        if self.name == "loss":
+            return loss_verdict(new.loss, reference.loss, n_images, self.error)
+        if self.name == "mcnemar":
+            return mcnemar_verdict(new, reference, self.alpha)
+        if self.name == "trainloss":
+            return trainloss_verdict(train_loss, accepted_losses, self.z)
+        raise ValueError(f"unknown criterion {self.name!r}")
+
+    def log_columns(self) -> list[str]:
+        """The paper's nine columns; under another criterion, what it decided on as well."""
+        return LOG_COLUMNS if self.name == "rates" else LOG_COLUMNS + CRITERION_COLUMNS
 
 
 def per_image_tolerance_problems(n_hc: int, n_pd: int, error: float,
@@ -83,19 +234,22 @@ class QCState:
     log: list[dict] = field(default_factory=list)
     schedule: dict[int, list[str]] = field(default_factory=dict)  # revisit cycle -> subjects
     images: dict[str, ImageRecord] = field(default_factory=dict)
+    train_losses: list[float] = field(default_factory=list)  # of the last accepted updates
 
     def to_json(self) -> dict:
         return {"reference": asdict(self.reference) if self.reference else None,
                 "log": self.log,
                 "schedule": {str(k): v for k, v in self.schedule.items()},
-                "images": {k: asdict(v) for k, v in self.images.items()}}
+                "images": {k: asdict(v) for k, v in self.images.items()},
+                "train_losses": self.train_losses}
 
     @classmethod
     def from_json(cls, data: dict) -> "QCState":
         return cls(reference=Evaluation(**data["reference"]) if data["reference"] else None,
                    log=list(data["log"]),
                    schedule={int(k): list(v) for k, v in data["schedule"].items()},
-                   images={k: ImageRecord(**v) for k, v in data["images"].items()})
+                   images={k: ImageRecord(**v) for k, v in data["images"].items()},
+                   train_losses=list(data.get("train_losses", [])))
 
 
 Train = Callable[[str, list[str]], tuple[float, float]]
@@ -106,34 +260,48 @@ Event = Callable[[str], None]
 class QualityControl:
     """Verification of every update, revisit after R cycles, elimination on a second harm.
 
-    train(center, ids) makes one update; evaluate(ids) scores the model after an update of
-    `ids` on the validation set; snapshot()/restore(s) undo an update exactly.
+    train(center, ids) makes one update and returns its (training loss, accuracy);
+    evaluate(ids) scores the model after an update of `ids` on the validation set;
+    snapshot()/restore(s) undo an update exactly. `criterion` judges each update; `error`
+    alone is the paper's rule, `Criterion("rates", error)`.
     """
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
-                 restore: Callable[[object], None], *, error: float, revisit: int,
-                 studies: dict[str, str], state: QCState | None = None,
-                 on_event: Event | None = None):
+                 restore: Callable[[object], None], *, revisit: int, studies: dict[str, str],
+                 error: float = 0.02, criterion: Criterion | None = None,
+                 state: QCState | None = None, on_event: Event | None = None):
         self.train, self.evaluate = train, evaluate
         self.snapshot, self.restore = snapshot, restore
-        self.error, self.revisit = error, revisit
+        self.criterion = criterion or Criterion("rates", error=error)
+        self.revisit = revisit
         self.state = state or QCState(images={s: ImageRecord(c) for s, c in studies.items()})
         self.on_event = on_event or (lambda message: None)
         self.cycle = 0
 
     # --- bookkeeping -----------------------------------------------------------------------
-    def _log(self, subject: str, study: str, ev: Evaluation, ignored: bool) -> None:
-        self.state.log.append({"Cycle": self.cycle, "Subject": subject, "Study": study,
-                               "ACC": ev.acc, "FP": ev.fp, "FN": ev.fn, "PFP": ev.fpr,
-                               "PFN": ev.fnr, "Ignored": int(ignored)})
-        if not ignored:
-            self.state.reference = ev
+    def _log(self, subject: str, study: str, ev: Evaluation, verdict: Verdict,
+             train_loss: float | None = None) -> None:
+        """One log row; an accepted update becomes the reference and enters the loss window."""
+        row = {"Cycle": self.cycle, "Subject": subject, "Study": study, "ACC": ev.acc,
+               "FP": ev.fp, "FN": ev.fn, "PFP": ev.fpr, "PFN": ev.fnr,
+               "Ignored": int(verdict.harmful)}
+        if self.criterion.name != "rates":  # the paper's rule keeps the paper's log
+            row.update({"VAL_LOSS": ev.loss, "VAL_AUROC": ev.auroc,
+                        "TRAIN_LOSS": math.nan if train_loss is None else train_loss,
+                        "STATISTIC": verdict.statistic, "LIMIT": verdict.limit})
+        self.state.log.append(row)
+        if verdict.harmful:
+            return
+        self.state.reference = ev
+        if train_loss is not None:
+            recent = self.state.train_losses + [train_loss]
+            self.state.train_losses = recent[-self.criterion.window:]
 
     def baseline(self) -> Evaluation:
         """Evaluate the loaded model; logged as cycle 0, subject n/a, the first reference."""
         self.cycle = 0
         ev = self.evaluate([])
-        self._log("n/a", "n/a", ev, ignored=False)
+        self._log("n/a", "n/a", ev, Verdict(harmful=False))
         return ev
 
     def waiting(self) -> set[str]:
@@ -153,11 +321,12 @@ class QualityControl:
         snap = self.snapshot()
         loss, acc = self.train(center, ids)
         ev = self.evaluate(ids)
-        harmful = is_harmful(ev, self.state.reference, len(ids), self.error)
-        self._log(subject, center, ev, ignored=harmful)
-        if harmful:
+        verdict = self.criterion.judge(ev, self.state.reference, len(ids), loss,
+                                       self.state.train_losses)
+        self._log(subject, center, ev, verdict, train_loss=loss)
+        if verdict.harmful:
             self.restore(snap)
-        return harmful, loss, acc
+        return verdict.harmful, loss, acc
 
     def _flag(self, subject: str) -> ImageRecord:
         record = self.state.images[subject]

@@ -9,14 +9,15 @@ import numpy as np
 import pandas as pd
 
 from dqc.checkpoint import atomic_write, write_text
-from dqc.qc import LOG_COLUMNS, QualityControl
+from dqc.qc import Criterion, QualityControl
 
 IMAGE_COLUMNS = ["Subject", "Study", "times_flagged", "first_flagged_cycle", "revisit_cycle",
                  "eliminated", "eliminated_cycle", "status"]
 
 
 def log_frame(policy: QualityControl) -> pd.DataFrame:
-    return pd.DataFrame(policy.state.log, columns=LOG_COLUMNS)
+    """The log rows in the criterion's columns (`Criterion.log_columns`)."""
+    return pd.DataFrame(policy.state.log, columns=policy.criterion.log_columns())
 
 
 def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
@@ -24,7 +25,8 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def write_log(policy: QualityControl, path: str | Path) -> None:
-    """NAME.csv: one row per evaluation, baseline first (Cycle,Subject,Study,ACC,...)."""
+    """NAME.csv: one row per evaluation, baseline first (Cycle,Subject,Study,ACC,...); an
+    undefined value (the baseline's statistic, say) is an empty cell."""
     write_csv(log_frame(policy), path)
 
 
@@ -50,10 +52,12 @@ def _rate(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def summarize(images: pd.DataFrame, log: pd.DataFrame, cycles: range) -> dict:
+def summarize(images: pd.DataFrame, log: pd.DataFrame, cycles: range,
+              criterion: Criterion = Criterion()) -> dict:
     """Counts, and detection figures when the ground truth `Harmful` column is present."""
     summary = {
         "cycles": [cycles.start, cycles.stop - 1],
+        "criterion": criterion.params(),
         "images": int(len(images)),
         "kept": int((images.status == "kept").sum()),
         "pending": int((images.status == "pending").sum()),
@@ -99,7 +103,7 @@ def write_outputs(policy: QualityControl, train: pd.DataFrame, out: Path, name: 
     images = image_table(policy, train)
     write_csv(log, out / f"{name}.csv")
     write_csv(images, out / f"{name}_images.csv")
-    summary = summarize(images, log, cycles)
+    summary = summarize(images, log, cycles, policy.criterion)
     write_text(out / f"{name}_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

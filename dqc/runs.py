@@ -8,6 +8,7 @@ atomically through `checkpoint.save_cycle`, and resume from the last complete cy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,10 +19,10 @@ import pandas as pd
 from dqc import checkpoint, qc_report
 from dqc.data import image_shape, load_table, require_both_classes
 from dqc.errors import DQCError
-from dqc.model import build_models, input_shape
-from dqc.qc import (Evaluation, QCState, QualityControl, evaluate_predictions,
-                    per_image_tolerance_problems)
-from dqc.trainer import Trainer, predict_subjects
+from dqc.model import Architecture, build_models, input_shape
+from dqc.qc import (CRITERIA, MIN_WINDOW, Criterion, Evaluation, QCState, QualityControl,
+                    evaluate_predictions, per_image_tolerance_problems)
+from dqc.trainer import LR_SCHEDULES, Trainer, cycle_learning_rate, predict_subjects
 from dqc.travel import CycleStats, Step, centers_of, local_step, run_cycle
 from dqc.timing import Timings
 from dqc.volumes import VolumeStore
@@ -41,6 +42,7 @@ class RunSpec:
     encoder: str | None = None      # continue from these files (dirty / QC runs)
     classifier: str | None = None
     image_shape: tuple[int, int, int] | None = None
+    arch: Architecture = field(default_factory=Architecture)  # a fresh model's width, intensity
     resume: bool = False
     cache: bool = True
     cache_mb: float | None = None
@@ -50,10 +52,16 @@ class RunSpec:
     echo: Callable[[str], None] = field(default=print)
     naive: bool = False             # benchmark only: the authors' way (see dqc.bench)
     timings: Timings | None = None  # where the time goes, for the benchmark
+    lr_schedule: str = "continue"   # see trainer.cycle_learning_rate
 
     def trainer_options(self) -> dict:
         return {"eval_batch_size": 1 if self.naive else self.eval_batch_size,
                 "host_snapshots": self.naive}
+
+    def schedule(self) -> Callable[[int], float]:
+        """Cycle -> learning rate; a restart counts from the run's start cycle, not from
+        the cycle a resumed run continues with."""
+        return partial(cycle_learning_rate, first=self.cycles.start, schedule=self.lr_schedule)
 
 
 def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
@@ -87,7 +95,7 @@ def _start(spec: RunSpec, table: pd.DataFrame) -> tuple[Trainer, int, dict]:
     if shape is None:
         first = table.iloc[0]
         shape = image_shape(first.Path, first.Subject)
-    encoder, classifier = build_models(shape)
+    encoder, classifier = build_models(shape, spec.arch)
     return Trainer(encoder, classifier, **spec.trainer_options()), spec.cycles.start, {}
 
 
@@ -106,6 +114,9 @@ def _check_cycles(spec: RunSpec) -> None:
                        f"{spec.cycles.start}")
     if spec.batch_size < 1 or spec.epochs < 1:
         raise DQCError("-batch_size and -epochs must be at least 1")
+    if spec.lr_schedule not in LR_SCHEDULES:
+        raise DQCError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                       f"{spec.lr_schedule!r}")
 
 
 def train_cycles(spec: RunSpec) -> list[CycleStats]:
@@ -120,7 +131,8 @@ def train_cycles(spec: RunSpec) -> list[CycleStats]:
     for cycle in range(first, spec.cycles.stop):
         stats = run_cycle(trainer, centers, cycle, step, seed=spec.seed,
                           batch_size=spec.batch_size, epochs=spec.epochs,
-                          prefetch=_prefetch(spec, store), verbose=spec.verbose)
+                          prefetch=_prefetch(spec, store), verbose=spec.verbose,
+                          schedule=spec.schedule())
         checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle,
                               {"seed": spec.seed, "learning_rate": stats.learning_rate})
         spec.echo(stats.line())
@@ -139,6 +151,14 @@ class QCSpec:
     revisit: int = 2
     name: str = "qc"
     legacy_rates: bool = False
+    criterion: str = "rates"    # see dqc.qc.Criterion
+    alpha: float = 0.05
+    z: float = 3.0
+    window: int = 50
+
+    def rule(self) -> Criterion:
+        return Criterion(self.criterion, error=self.error, alpha=self.alpha, z=self.z,
+                         window=self.window)
 
 
 def validation_evaluator(trainer: Trainer, store: VolumeStore, subjects: Sequence[str],
@@ -173,21 +193,38 @@ def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, train: pd.DataFrame,
         raise DQCError(f"-revisit must be at least 1, got {qspec.revisit}")
     if qspec.error < 0:
         raise DQCError(f"-error must be 0 or more, got {qspec.error}")
+    _check_criterion(qspec)
     if spec.cycles.stop <= spec.cycles.start:
         raise DQCError(f"-cycles {spec.cycles.stop} must be greater than the start cycle "
                        f"{spec.cycles.start}")
+    _check_cycles(spec)
     require_both_classes(val, qspec.val_csv)
     both = sorted(set(train.Subject) & set(val.Subject))
     if both:
         shown = ", ".join(both[:10]) + (f" and {len(both) - 10} more" if len(both) > 10 else "")
         spec.echo(f"warning: {len(both)} image(s) are in both the training and the validation "
                   f"CSV: {shown}")
+    if qspec.criterion != "rates":
+        return
     n_pd = int(val.Group_bin.sum())
     for problem in per_image_tolerance_problems(len(val) - n_pd, n_pd, qspec.error,
                                                 qspec.legacy_rates):
         spec.echo(f"warning: validation set too small for -error {qspec.error}: {problem}; "
                   "every single-image check is then zero-tolerance and good images get "
                   "eliminated for one flipped prediction")
+
+
+def _check_criterion(qspec: QCSpec) -> None:
+    """The criterion flags, also when they come from a federated run config (no argparse)."""
+    if qspec.criterion not in CRITERIA:
+        raise DQCError(f"--criterion must be one of {', '.join(CRITERIA)}, got "
+                       f"{qspec.criterion!r}")
+    if not 0 < qspec.alpha < 1:
+        raise DQCError(f"--alpha must be between 0 and 1, got {qspec.alpha}")
+    if not qspec.z > 0:
+        raise DQCError(f"--z must be greater than 0, got {qspec.z}")
+    if qspec.window < MIN_WINDOW:
+        raise DQCError(f"--window must be at least {MIN_WINDOW}, got {qspec.window}")
 
 
 #: Makes "train one step at center X" for the server's trainer (local, or a network round trip).
@@ -221,8 +258,8 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                                                 on_device=not spec.naive)
     resumed = "qc" in meta and first > spec.cycles.start
     clock = spec.timings or Timings()
-    policy = QualityControl(step, evaluate, trainer.snapshot,
-                            trainer.restore, error=qspec.error, revisit=qspec.revisit,
+    policy = QualityControl(step, evaluate, trainer.snapshot, trainer.restore,
+                            criterion=qspec.rule(), revisit=qspec.revisit,
                             studies=dict(zip(train.Subject, train.Study)),
                             state=QCState.from_json(meta["qc"]) if resumed else None,
                             on_event=spec.echo)
@@ -237,7 +274,7 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
             stats = run_cycle(trainer, centers, cycle, policy.verify_batch, seed=spec.seed,
                               batch_size=spec.batch_size, epochs=spec.epochs,
                               select=policy.select, prefetch=prefetch,
-                              verbose=spec.verbose)
+                              verbose=spec.verbose, schedule=spec.schedule())
             policy.revisit_pass()
         qc_report.write_log(policy, out / f"{qspec.name}.csv")
         checkpoint.save_cycle(trainer, out, spec.prefix, cycle,

@@ -18,9 +18,25 @@ from dqc.timing import Timings
 BASE_LEARNING_RATE = 1e-4
 
 
+LR_SCHEDULES = ("continue", "restart")
+
+
 def learning_rate(cycle: int, base: float = BASE_LEARNING_RATE) -> float:
     """Cycle c trains at base * exp(-0.1 * c): the authors' per-cycle decay, never restarted."""
     return base * math.exp(-0.1 * cycle)
+
+
+def cycle_learning_rate(cycle: int, first: int, schedule: str = "continue") -> float:
+    """The rate of `cycle` in a run that started at cycle `first`.
+
+    continue: `learning_rate(cycle)`. restart (the authors' dirty and QC scripts): the first
+    cycle keeps the loaded optimizer's rate, `learning_rate(first)`, and the decay then
+    starts over, `learning_rate(cycle - first)`.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    restarted = schedule == "restart" and cycle != first
+    return learning_rate(cycle - first if restarted else cycle)
 
 
 class Trainer:

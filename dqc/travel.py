@@ -112,15 +112,18 @@ class CycleStats:
 def run_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step: Step, *,
               seed: int, batch_size: int, epochs: int = 1, select: Select | None = None,
               prefetch: Callable[[list[str]], None] | None = None,
-              verbose: bool = True) -> CycleStats:
+              verbose: bool = True,
+              schedule: Callable[[int], float] = learning_rate) -> CycleStats:
     """One cycle of the travelling model: set the cycle's learning rate, visit every center.
+
+    `schedule(cycle)` gives the rate (see `trainer.cycle_learning_rate`).
 
     `prefetch(ids)` is told the next batch before the current one trains (images streamed
     from disk are then read in the background). `select` for the next center is asked one
     batch early; it only concerns that center's own images, so the answer is the same.
     """
     start = time.perf_counter()
-    lr = learning_rate(cycle)
+    lr = schedule(cycle)
     trainer.set_learning_rate(lr)
     total_images = sum(len(v) for v in centers.values()) * epochs
     progress = bar(total_images, desc=f"cycle {cycle}", disable=not verbose)

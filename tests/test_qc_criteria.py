@@ -1,0 +1,290 @@
+"""The criteria beside the paper's rule (`--criterion`): pure functions, the policy with
+stand-in callables (no TensorFlow), and the log the QC script writes under each."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dqc.qc import (CRITERION_COLUMNS, LOG_COLUMNS, Criterion, Evaluation, QCState,
+                    QualityControl, binomial_tail, evaluate_predictions, loss_verdict,
+                    mcnemar_verdict, robust_limit, trainloss_verdict)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRUTH = "000000111111"
+
+
+def predicted(wrong: set[int], truth: str = TRUTH) -> Evaluation:
+    """An evaluation whose predictions are wrong exactly at the `wrong` positions."""
+    pred = "".join(("1" if t == "0" else "0") if i in wrong else t for i, t in enumerate(truth))
+    return Evaluation(acc=0.0, fp=0, fn=0, fpr=0.0, fnr=0.0, pred=pred, truth=truth)
+
+
+# --- McNemar -----------------------------------------------------------------------------------
+
+def test_binomial_tail_by_hand():
+    assert binomial_tail(6, 6) == 1 / 64
+    assert binomial_tail(5, 6) == 7 / 64
+    assert binomial_tail(3, 6) == 42 / 64
+    assert binomial_tail(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("ref_wrong, new_wrong, p, harmful", [
+    (set(), {0, 1, 2, 6, 7, 8}, 1 / 64, True),             # b=6, c=0
+    ({11}, {0, 1, 2, 6, 7}, 7 / 64, False),                # b=5, c=1: p = 0.109
+    ({9, 10, 11}, {0, 1, 2}, 42 / 64, False),              # b=c=3
+    ({3}, {0, 1, 2, 3, 6, 7, 8}, 1 / 64, True),            # unchanged errors do not count
+    ({0, 1, 2, 6, 7, 8}, set(), 1.0, False),               # b=0, c=6: better, never harmful
+])
+def test_mcnemar_by_hand(ref_wrong, new_wrong, p, harmful):
+    verdict = mcnemar_verdict(predicted(new_wrong), predicted(ref_wrong), alpha=0.05)
+    assert verdict.harmful is harmful
+    assert verdict.statistic == pytest.approx(p, rel=1e-12) and verdict.limit == 0.05
+
+
+def test_mcnemar_needs_the_same_images():
+    with pytest.raises(ValueError):
+        mcnemar_verdict(predicted(set()), predicted(set(), truth="0011"), 0.05)
+
+
+# --- validation loss ---------------------------------------------------------------------------
+
+def test_loss_rise_just_under_and_just_over_n_times_tolerance():
+    # 5 images, 0.01 nats each: limit 0.05
+    assert not loss_verdict(0.5 + 0.05 - 1e-6, 0.5, 5, 0.01).harmful
+    assert not loss_verdict(0.55, 0.5, 5, 0.01).harmful  # equal is not harmful
+    over = loss_verdict(0.5 + 0.05 + 1e-6, 0.5, 5, 0.01)
+    assert over.harmful and over.statistic == pytest.approx(0.05 + 1e-6)
+    assert over.limit == pytest.approx(0.05)
+    rule = Criterion("loss", error=0.01)
+    ref = Evaluation(0, 0, 0, 0, 0, loss=0.5)
+    assert rule.judge(Evaluation(0, 0, 0, 0.9, 0.9, loss=0.51 + 1e-6), ref, 1, 0.0, []).harmful
+    # the rates may soar: this criterion reads the loss only
+    assert not rule.judge(Evaluation(0, 0, 0, 0.9, 0.9, loss=0.5), ref, 1, 0.0, []).harmful
+
+
+# --- training loss against the accepted window ------------------------------------------------
+
+WINDOW = [1.0, 1.1, 0.9, 1.2, 0.8, 1.0, 1.05, 0.95, 1.0, 1.3]
+# median 1.0; |deviations| sorted 0,0,0,.05,.05,.1,.1,.2,.2,.3: MAD 0.075
+LIMIT = 1.0 + 3 * 1.4826 * 0.075  # 1.333585
+
+
+def test_trainloss_limit_by_hand():
+    assert robust_limit(WINDOW, 3.0) == pytest.approx(LIMIT, rel=1e-12)
+    assert not trainloss_verdict(1.33, WINDOW, 3.0).harmful
+    verdict = trainloss_verdict(1.34, WINDOW, 3.0)
+    assert verdict.harmful and verdict.statistic == 1.34
+    assert verdict.limit == pytest.approx(LIMIT, rel=1e-12)
+
+
+def test_trainloss_flags_nothing_while_the_window_is_short():
+    verdict = trainloss_verdict(100.0, WINDOW[:9], 3.0)
+    assert not verdict.harmful and math.isnan(verdict.limit)
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+def test_evaluation_loss_auroc_and_predictions_by_hand():
+    e = evaluate_predictions(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.8]))
+    assert e.pred == "0101" and e.truth == "0011"
+    bce = -(math.log(0.9) + math.log(0.4) + math.log(0.4) + math.log(0.8)) / 4
+    assert e.loss == pytest.approx(bce, rel=1e-12)
+    assert e.auroc == pytest.approx(3 / 4)  # of the 4 (PD, HC) pairs, 0.4 < 0.6 is misordered
+    tied = evaluate_predictions(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.2, 0.9]))
+    assert tied.auroc == pytest.approx(3.5 / 4)  # the tie counts half
+    sure_misses = evaluate_predictions(np.array([1, 0]), np.array([0.0, 1.0]))
+    assert sure_misses.loss == pytest.approx(-math.log(1e-7), rel=1e-6)  # clipped like Keras
+
+
+def test_old_style_evaluation_still_builds():
+    e = Evaluation(0.5, 1, 2, 0.1, 0.2)
+    assert math.isnan(e.loss) and math.isnan(e.auroc) and e.pred == ""
+
+
+def test_state_round_trip_keeps_the_new_fields():
+    state = QCState(reference=Evaluation(0.75, 1, 0, 0.5, 0.0, loss=0.42, auroc=0.875,
+                                         pred="0101", truth="0011"),
+                    log=[{"Cycle": 0, "STATISTIC": math.nan}], train_losses=[0.7, 0.6])
+    back = QCState.from_json(json.loads(json.dumps(state.to_json())))
+    assert back.reference == state.reference and back.train_losses == [0.7, 0.6]
+    assert json.dumps(back.to_json()) == json.dumps(state.to_json())
+    old = state.to_json()
+    del old["train_losses"]  # a checkpoint written before this field existed
+    assert QCState.from_json(old).train_losses == []
+
+
+# --- the policy with stand-ins -----------------------------------------------------------------
+
+class FakeModel:
+    """A 'model' that is its set of misclassified validation images; an update breaks and
+    fixes the images `effects[subject]` says and reports that subject's training loss."""
+
+    def __init__(self, effects: dict[str, tuple[set[int], set[int]]],
+                 losses: dict[str, float] | None = None):
+        self.effects, self.losses, self.wrong = effects, losses or {}, frozenset()
+
+    def train(self, center, ids):
+        for s in ids:
+            breaks, fixes = self.effects.get(s, (set(), set()))
+            self.wrong = (self.wrong | breaks) - fixes
+        return float(np.mean([self.losses.get(s, 1.0) for s in ids])), 1.0
+
+    def evaluate(self, ids):
+        return predicted(set(self.wrong))
+
+    def snapshot(self):
+        return self.wrong
+
+    def restore(self, value):
+        self.wrong = value
+
+
+def policy(model: FakeModel, criterion: Criterion, subjects: str) -> QualityControl:
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=criterion, revisit=2, studies={s: "A" for s in subjects})
+    qc.baseline()
+    qc.cycle = 10
+    return qc
+
+
+def test_mcnemar_policy_flags_the_harmful_image_of_a_batch():
+    model = FakeModel({"g": (set(), {11}), "h": ({0, 1, 2, 3, 6, 7, 8}, set())})
+    model.wrong = frozenset({11})
+    qc = policy(model, Criterion("mcnemar", alpha=0.05), "gh")
+    qc.verify_batch("A", ["g", "h"])
+    rows = [(r["Subject"], r["Ignored"]) for r in qc.state.log]
+    assert rows == [("n/a", 0), ("batch", 1), ("g", 0), ("h", 1)]
+    stats = [r["STATISTIC"] for r in qc.state.log[1:]]
+    # batch: b=7, c=1, p = 9/256; g: b=0, c=1, p = 1; h after g: b=7, c=0, p = 1/128
+    assert stats == pytest.approx([9 / 256, 1.0, 1 / 128], rel=1e-12)
+    assert qc.state.log[2]["LIMIT"] == 0.05
+    assert model.wrong == frozenset()  # g's fix kept, h's damage undone
+    assert qc.status("h") == "pending" and qc.status("g") == "kept"
+    assert all(list(r) == LOG_COLUMNS + CRITERION_COLUMNS for r in qc.state.log)
+    assert math.isnan(qc.state.log[0]["STATISTIC"]) and math.isnan(qc.state.log[0]["TRAIN_LOSS"])
+
+
+def test_trainloss_policy_window_holds_accepted_updates_only():
+    good = "abcdefghijkl"  # 12 accepted updates, losses 1.00..1.11
+    losses = {s: 1.0 + i / 100 for i, s in enumerate(good)} | {"x": 5.0, "y": 1.02}
+    model = FakeModel({}, losses)
+    qc = policy(model, Criterion("trainloss", z=3.0, window=10), good + "xy")
+    for s in good:
+        qc.verify_batch("A", [s])
+    assert qc.state.train_losses == [losses[s] for s in good[-10:]]  # the last 10 only
+    qc.verify_batch("A", ["x"])
+    qc.verify_batch("A", ["y"])
+    assert [(r["Subject"], r["Ignored"]) for r in qc.state.log[-3:]] == \
+        [("batch", 1), ("x", 1), ("batch", 0)]
+    assert 5.0 not in qc.state.train_losses and qc.state.train_losses[-1] == 1.02
+    assert qc.state.log[-1]["TRAIN_LOSS"] == 1.02 and qc.state.log[-1]["LIMIT"] > 1.02
+    assert qc.status("x") == "pending"
+    # nothing was flagged before ten losses were known, however high
+    assert all(r["Ignored"] == 0 for r in qc.state.log[:11])
+
+
+def test_rates_keeps_the_paper_log_and_default():
+    model = FakeModel({})
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        error=0.02, revisit=2, studies={"a": "A"})
+    assert qc.criterion == Criterion("rates", error=0.02)
+    qc.baseline()
+    assert list(qc.state.log[0]) == LOG_COLUMNS
+    assert Criterion("rates").params() == {"name": "rates", "error": 0.02}
+    assert Criterion("trainloss").params() == {"name": "trainloss", "z": 3.0, "window": 50}
+
+
+def test_criteria_need_no_deep_learning_or_scientific_library():
+    code = ("import sys, numpy as np; from dqc.qc import Criterion, evaluate_predictions as ev; "
+            "a = ev(np.array([0, 1, 1]), np.array([.2, .7, .4])); "
+            "[Criterion(n).judge(a, a, 1, 1.0, [1.0] * 10) for n in "
+            "('rates', 'loss', 'mcnemar', 'trainloss')]; "
+            "print(sorted({'tensorflow', 'keras', 'jax', 'torch', 'scipy', 'sklearn'} & "
+            "{m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- flags, run config, and the script's log ---------------------------------------------------
+
+def qc_parse(*extra: str):
+    from dqc.cli import Parser, add_qc_flags
+
+    parser = Parser()
+    add_qc_flags(parser)
+    return parser.parse_args(["-fn_train", "t", "-fn_test", "v", "-cycles", "12", "-en", "e",
+                              "-pd", "p", *extra])
+
+
+def test_flags_reach_the_specs_and_the_federated_config():
+    from dqc.cli import qc_specs
+    from dqc.federated.server import config_from_args, specs_from_config
+
+    args = qc_parse("--criterion", "trainloss", "--z", "2.5", "--window", "20",
+                    "--lr-schedule", "restart")
+    spec, qspec = qc_specs(args)
+    assert qspec.rule() == Criterion("trainloss", error=0.02, z=2.5, window=20)
+    assert spec.lr_schedule == "restart"
+    config = config_from_args(args)
+    assert config["criterion"] == "trainloss" and config["window"] == 20
+    spec2, qspec2 = specs_from_config(config)
+    assert qspec2 == qspec and spec2.lr_schedule == "restart"
+    # the Flower app's run config lists every QC flag that reaches the server
+    pyproject = tomllib.loads((ROOT / "federated" / "pyproject.toml").read_text())
+    assert set(config) <= set(pyproject["tool"]["flwr"]["app"]["config"])
+
+
+def test_unknown_criterion_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        qc_parse("--criterion", "vibes")
+    assert info.value.code == 2 and "invalid choice: 'vibes'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "0"], "--alpha must be between 0 and 1"),
+    (["--alpha", "1.5"], "--alpha must be between 0 and 1"),
+    (["--z", "0"], "--z must be greater than 0"),
+    (["--window", "9"], "--window must be at least 10"),
+])
+def test_bad_criterion_parameters(flags, message, cohort, tmp_path, capsys):
+    from conftest import call_script
+    from qc_setup import QC_SCRIPT
+
+    argv = ["-fn_train", str(cohort["train"]), "-fn_test", str(cohort["val"]), "-cycles", "12",
+            "-en", "none.keras", "-pd", "none.keras", "--out", str(tmp_path / "out"),
+            "--quiet", *flags]
+    run = call_script(argv, capsys, tmp_path, script_path=QC_SCRIPT)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert run.error_lines()[0].startswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_log_columns_per_criterion(federated_case):
+    from qc_setup import QC_SCRIPT
+
+    paper = pd.read_csv(federated_case["single"]() / "qc.csv")  # shared with the federated test
+    assert list(paper.columns) == LOG_COLUMNS
+    out = federated_case["root"] / "criterion_loss"
+    runpy.run_path(str(QC_SCRIPT))["main"]([*federated_case["common"], "-cycles", "4",
+                                            "--criterion", "loss", "--out", str(out)])
+    log = pd.read_csv(out / "qc.csv")
+    assert list(log.columns) == LOG_COLUMNS + CRITERION_COLUMNS
+    assert log.VAL_LOSS.notna().all() and log.VAL_AUROC.between(0, 1).all()
+    assert log.STATISTIC.iloc[1:].notna().all() and log.TRAIN_LOSS.iloc[1:].notna().all()
+    assert log.iloc[0][["TRAIN_LOSS", "STATISTIC", "LIMIT"]].isna().all()
+    # -error 0: any rise of the validation loss is harmful, and only a rise
+    assert (log.Ignored.iloc[1:] == (log.STATISTIC.iloc[1:] > 1e-9).astype(int)).all()
+    assert (np.diff(log.VAL_LOSS[log.Ignored == 0]) <= 1e-9).all()
+    summary = json.loads((out / "qc_summary.json").read_text())
+    assert summary["criterion"] == {"name": "loss", "error": 0.0}
