@@ -83,3 +83,50 @@ def plot_montage(panels: list[tuple[str, str | Path]], path: str | Path) -> Path
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     return _save(fig, path)
+
+
+def plot_detectability(raw: pd.DataFrame, path: str | Path, error: float,
+                       calibrated_error: float | None = None,
+                       loss_tolerance: float | None = None) -> Path:
+    """Per candidate group, the spread of each criterion (box and points; good blue, harmful
+    red), with the QC rule's threshold k * error (and the calibrated one) on the rate rise:
+    where a rule could cut."""
+    panels = (("rate_rise", "rate rise: max(dFPR, dFNR)"),
+              ("d_val_loss", "change in validation loss"),
+              ("d_val_auroc", "change in validation AUROC"),
+              ("own_loss", "candidate's own training loss"))
+    groups = list(dict.fromkeys(raw.group))
+    positions = np.arange(1, len(groups) + 1)
+    fig, axes = plt.subplots(2, 2, figsize=(max(10, 1.3 * len(groups)), 8))
+    axes = axes.ravel()
+    jitter = np.random.default_rng(0)
+    colors = ["C0" if (raw.loc[raw.group == g, "type"] == "good").all() else "C3" for g in groups]
+    for ax, (column, title) in zip(axes, panels):
+        data = [raw.loc[raw.group == g, column].to_numpy(float) for g in groups]
+        ax.boxplot(data, positions=positions, widths=0.5, showfliers=False)
+        for x, values, color in zip(positions, data, colors):
+            ax.scatter(x + jitter.uniform(-0.15, 0.15, values.size), values, s=9, alpha=0.6,
+                       color=color)
+        ax.set_xticks(positions, groups, rotation=40, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        if column != "own_loss":
+            ax.axhline(0, color="grey", lw=0.6)
+    sizes = [int(raw.loc[raw.group == g, "n_images"].max()) for g in groups]
+    lines = [(error, "crimson", "-", f"rule: k x {error:g}")]
+    if calibrated_error is not None and np.isfinite(calibrated_error):
+        lines.append((calibrated_error, "green", "--", f"calibrated: k x {calibrated_error:.3g}"))
+    for e, color, style, label in lines:
+        for i, (x, k) in enumerate(zip(positions, sizes)):
+            axes[0].hlines(k * e, x - 0.35, x + 0.35, colors=color, linestyles=style,
+                           label=label if i == 0 else None)
+    axes[0].legend(fontsize=7, loc="upper right")
+    if loss_tolerance is not None and np.isfinite(loss_tolerance):
+        singles = [x for x, g in zip(positions, groups) if str(g).endswith(" single")]
+        for i, x in enumerate(singles):
+            axes[1].hlines(loss_tolerance, x - 0.35, x + 0.35, colors="green", linestyles="--",
+                           label=f"calibrated tolerance {loss_tolerance:.3g}" if i == 0 else None)
+        if singles:
+            axes[1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, path)
