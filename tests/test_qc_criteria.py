@@ -193,6 +193,20 @@ def test_trainloss_policy_window_holds_accepted_updates_only():
     assert all(r["Ignored"] == 0 for r in qc.state.log[:11])
 
 
+def test_trainloss_window_takes_batches_of_the_regular_pass_only():
+    good = "abcdefghijkl"
+    losses = {s: 1.0 + i / 100 for i, s in enumerate(good)} | {"p": 5.0, "q": 1.03}
+    model = FakeModel({}, losses)
+    qc = policy(model, Criterion("trainloss", z=3.0, window=50), good + "pq")
+    for s in good:
+        qc.verify_batch("A", [s])
+    window = list(qc.state.train_losses)
+    qc.verify_batch("A", ["p", "q"])  # batch loss 3.015: flagged; p alone flagged, q kept
+    assert [(r["Subject"], r["Ignored"]) for r in qc.state.log[-3:]] == \
+        [("batch", 1), ("p", 1), ("q", 0)]
+    assert qc.state.train_losses == window  # q's accepted single-image loss stays out
+
+
 def test_rates_keeps_the_paper_log_and_default():
     model = FakeModel({})
     qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
