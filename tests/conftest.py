@@ -239,8 +239,10 @@ def _start_script_runs_early(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="session")
 def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tiny pre-trained cohort whose QC (with -error 0) undoes and eliminates a lot, the
-    training CSV listed by center name (a federation's order), and the single-machine run."""
+    """A tiny pre-trained cohort whose center C04 turns harmful for QC (its labels flipped after
+    pre-training, so its updates' training loss is far above the others'), the training CSV
+    listed by center name (a federation's order), and the single-machine run (cached per
+    cycles and extra flags)."""
     from qc_setup import QC_SCRIPT, pretrained
 
     root = tmp_path_factory.mktemp("federated")
@@ -249,6 +251,8 @@ def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     train = pd.read_csv(pre["train"], dtype={"Subject": str}).sort_values("Study", kind="stable")
     train["Path"] = [str((Path(pre["train"]).parent / p).resolve()) for p in train.Path]
     train["Harmful"] = (train.Study == "C04").astype(int)  # ground truth only for scoring
+    harmful = train.Harmful == 1  # the model learnt the true labels; QC gets them flipped
+    train.loc[harmful, "Group_bin"] = 1 - train.loc[harmful, "Group_bin"]
     train_csv = root / "train_by_center.csv"
     train.to_csv(train_csv, index=False)
     common = ["-fn_train", str(train_csv), "-fn_test", str(pre["val"]), "-en",
@@ -256,10 +260,11 @@ def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
               "-revisit", "1", "-error", "0", "-fn_save", "qc", "--quiet"]
 
     @functools.lru_cache(maxsize=None)
-    def single(cycles: int = 5) -> Path:
-        """The single-machine script's own code path, with the same flags."""
-        out = root / f"single_{cycles}"
-        runpy.run_path(str(QC_SCRIPT))["main"]([*common, "-cycles", str(cycles), "--out", str(out)])
+    def single(cycles: int = 5, *flags: str) -> Path:
+        """The single-machine script's own code path, with the same flags (and `flags`)."""
+        out = root / "_".join([f"single_{cycles}", *(f.lstrip("-") for f in flags)])
+        runpy.run_path(str(QC_SCRIPT))["main"]([*common, "-cycles", str(cycles), *flags,
+                                                "--out", str(out)])
         return out
 
     return {"root": root, "common": common, "train": train, "single": single,
