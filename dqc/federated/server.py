@@ -144,8 +144,12 @@ class RemoteStep:
 
 
 def _check_shapes(identities: Sequence[Identity], trainer) -> None:
-    from dqc.model import input_shape
+    from dqc.model import Architecture, architecture, input_shape
 
+    arch = architecture(trainer.encoder)
+    if arch != Architecture():  # the nodes build the paper's model and take its state
+        raise DQCError(f"the federated run takes the paper's model (width 1, raw intensities); "
+                       f"this one has width {arch.width:g}, intensity {arch.intensity}")
     want = tuple(input_shape(trainer.encoder))
     for ident in identities:
         if tuple(ident.shape) != want:
