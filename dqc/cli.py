@@ -9,6 +9,7 @@ import warnings
 from typing import Callable
 
 from dqc.errors import DQCError
+from dqc.qc import CRITERIA
 
 
 def quiet_backend() -> None:
@@ -129,15 +130,17 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "model ends at START-1)")
     p.add_argument("--legacy-rates", action="store_true", help="the authors' denominators: "
                    "FP / number of PD and FN / number of HC (default: FP / HC, FN / PD)")
-    p.add_argument("--criterion", choices=("rates", "loss", "mcnemar", "trainloss"),
-                   default="rates", help="what makes an update harmful. rates: the paper's "
-                   "rule (FPR or FNR rises by more than k * e); loss: the validation "
-                   "cross-entropy rises by more than k * e nats; mcnemar: exact one-sided "
-                   "McNemar test on the validation predictions the update changed (p < alpha); "
-                   "trainloss: the update's own training loss exceeds median + z * 1.4826 * MAD "
-                   "of the last --window accepted updates' (no validation set needed to "
-                   "decide). Other than rates, the log gains VAL_LOSS, VAL_AUROC, TRAIN_LOSS, "
-                   "STATISTIC, LIMIT")
+    p.add_argument("--criterion", choices=list(CRITERIA), default="rates",
+                   help="what makes an update harmful. rates: the paper's rule (FPR or FNR "
+                   "rises by more than k * e); loss: the validation cross-entropy rises by "
+                   "more than k * e nats; mcnemar: exact one-sided McNemar test on the "
+                   "validation predictions the update changed (p < alpha); trainloss: the "
+                   "update's own training loss exceeds median + z * 1.4826 * MAD of the last "
+                   "--window accepted batches' (no validation set needed to decide); heldout: "
+                   "a check step taken without Adam's momentum raises the validation "
+                   "cross-entropy by more than e nats (whatever k), and a harmless update is "
+                   "then made as the ordinary step. Other than rates, the log gains VAL_LOSS, "
+                   "VAL_AUROC, TRAIN_LOSS, STATISTIC, LIMIT")
     p.add_argument("--alpha", type=float, default=0.05, help="mcnemar: significance level")
     p.add_argument("--z", type=float, default=3.0, help="trainloss: robust z-score bound")
     p.add_argument("--window", type=int, default=50, help="trainloss: how many accepted "

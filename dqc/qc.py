@@ -28,7 +28,7 @@ LOG_COLUMNS = ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN", "Ig
 CRITERION_COLUMNS = ["VAL_LOSS", "VAL_AUROC", "TRAIN_LOSS", "STATISTIC", "LIMIT"]
 #: Each criterion's parameters (the `Criterion` fields it reads).
 CRITERIA = {"rates": ("error",), "loss": ("error",), "mcnemar": ("alpha",),
-            "trainloss": ("z", "window")}
+            "trainloss": ("z", "window"), "heldout": ("error",)}
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,10 @@ class Criterion:
     """Which rule judges an update, and its parameters (`CRITERIA` says which it reads).
 
     error: per-image tolerance, of a rate (`rates`) or of the validation BCE in nats
-    (`loss`); alpha: McNemar's significance level; z, window: the `trainloss` bound and how
-    many accepted training losses it looks back on.
+    (`loss`), or the tolerated rise of the validation BCE of a check step taken with Adam's
+    first moments held out (`heldout`, nats, whatever the number of images: Adam's step size
+    does not grow with the batch); alpha: McNemar's significance level; z, window: the
+    `trainloss` bound and how many accepted training losses it looks back on.
     """
 
     name: str = "rates"
@@ -186,6 +188,11 @@ class Criterion:
     def params(self) -> dict:
         return {"name": self.name, **{k: getattr(self, k) for k in CRITERIA[self.name]}}
 
+    @property
+    def holds_out_momentum(self) -> bool:
+        """Whether the check step is taken without the optimizer's momentum (`heldout`)."""
+        return self.name == "heldout"
+
     def judge(self, new: Evaluation, reference: Evaluation, n_images: int,
               train_loss: float, accepted_losses: Sequence[float]) -> Verdict:
         if self.name == "rates":
@@ -196,6 +203,8 @@ class Criterion:
             return mcnemar_verdict(new, reference, self.alpha)
         if self.name == "trainloss":
             return trainloss_verdict(train_loss, accepted_losses, self.z)
+        if self.name == "heldout":
+            return loss_verdict(new.loss, reference.loss, 1, self.error)
         raise ValueError(f"unknown criterion {self.name!r}")
 
     def log_columns(self) -> list[str]:
@@ -263,14 +272,20 @@ class QualityControl:
     train(center, ids) makes one update and returns its (training loss, accuracy);
     evaluate(ids) scores the model after an update of `ids` on the validation set;
     snapshot()/restore(s) undo an update exactly. `criterion` judges each update; `error`
-    alone is the paper's rule, `Criterion("rates", error)`.
+    alone is the paper's rule, `Criterion("rates", error)`. `hold_out_momentum()` zeroes the
+    optimizer's first moments; criterion `heldout` calls it before its check step, so the
+    check follows the candidate's own gradient rather than the momentum of earlier batches
+    (Adam takes 90% of a step's direction from them); a harmless update is then undone and
+    made again as the ordinary step, which is evaluated to become the next reference.
     """
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
                  restore: Callable[[object], None], *, revisit: int, studies: dict[str, str],
                  error: float = 0.02, criterion: Criterion | None = None,
-                 state: QCState | None = None, on_event: Event | None = None):
+                 state: QCState | None = None, on_event: Event | None = None,
+                 hold_out_momentum: Callable[[], None] | None = None):
         self.train, self.evaluate = train, evaluate
+        self.hold_out_momentum = hold_out_momentum
         self.snapshot, self.restore = snapshot, restore
         self.criterion = criterion or Criterion("rates", error=error)
         self.revisit = revisit
@@ -324,10 +339,19 @@ class QualityControl:
     def _try(self, center: str, ids: list[str], subject: str) -> tuple[bool, float, float]:
         """Snapshot, train, evaluate, log; undo if harmful. Returns (harmful, loss, acc)."""
         snap = self.snapshot()
+        held_out = self.criterion.holds_out_momentum
+        if held_out:
+            if self.hold_out_momentum is None:
+                raise ValueError("criterion heldout needs hold_out_momentum")
+            self.hold_out_momentum()
         loss, acc = self.train(center, ids)
         ev = self.evaluate(ids)
         verdict = self.criterion.judge(ev, self.state.reference, len(ids), loss,
                                        self.state.train_losses)
+        if held_out and not verdict.harmful:  # keep the ordinary step, with its momentum
+            self.restore(snap)
+            loss, acc = self.train(center, ids)
+            ev = self.evaluate(ids)
         self._log(subject, center, ev, verdict, train_loss=loss)
         if verdict.harmful:
             self.restore(snap)

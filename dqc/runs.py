@@ -262,7 +262,7 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                             criterion=qspec.rule(), revisit=qspec.revisit,
                             studies=dict(zip(train.Subject, train.Study)),
                             state=QCState.from_json(meta["qc"]) if resumed else None,
-                            on_event=spec.echo)
+                            on_event=spec.echo, hold_out_momentum=trainer.hold_out_momentum)
     if not resumed:
         with clock.paused():  # timings are of the cycles only
             policy.baseline()

@@ -77,6 +77,16 @@ class Trainer:
     def set_learning_rate(self, value: float) -> None:
         self.optimizer.learning_rate.assign(value)
 
+    def hold_out_momentum(self) -> None:
+        """Zero Adam's first moments: the next step follows that batch's own gradient.
+
+        The second moments stay, so the step keeps Adam's per-weight scale; it is (1 - beta1)
+        of an ordinary step whose gradients all agreed.
+        """
+        for variable in self.optimizer.variables:
+            if variable.path.endswith("_momentum"):
+                variable.assign(keras.ops.zeros_like(variable))
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """One optimizer step on one batch; returns (loss, accuracy) of that batch."""
         loss, acc = self.model.train_on_batch(x, y.reshape(-1, 1))

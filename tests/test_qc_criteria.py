@@ -222,7 +222,7 @@ def test_criteria_need_no_deep_learning_or_scientific_library():
     code = ("import sys, numpy as np; from dqc.qc import Criterion, evaluate_predictions as ev; "
             "a = ev(np.array([0, 1, 1]), np.array([.2, .7, .4])); "
             "[Criterion(n).judge(a, a, 1, 1.0, [1.0] * 10) for n in "
-            "('rates', 'loss', 'mcnemar', 'trainloss')]; "
+            "('rates', 'loss', 'mcnemar', 'trainloss', 'heldout')]; "
             "print(sorted({'tensorflow', 'keras', 'jax', 'torch', 'scipy', 'sklearn'} & "
             "{m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -302,3 +302,92 @@ def test_script_log_columns_per_criterion(federated_case):
     assert (np.diff(log.VAL_LOSS[log.Ignored == 0]) <= 1e-9).all()
     summary = json.loads((out / "qc_summary.json").read_text())
     assert summary["criterion"] == {"name": "loss", "error": 0.0}
+
+
+# --- heldout: the check step without the optimizer's momentum ----------------------------------
+
+class DriftingModel:
+    """Validation loss as the whole state; every ordinary step adds the optimizer's momentum
+    drift on top of the candidate's own effect, a check step with the momentum held out only
+    the candidate's own effect."""
+
+    def __init__(self, own: dict[str, float], drift: float):
+        self.own, self.drift = own, drift
+        self.loss, self.momentum, self.evaluations = 0.5, True, 0
+
+    def train(self, center, ids):
+        self.loss += float(np.mean([self.own[s] for s in ids]))
+        self.loss += self.drift if self.momentum else 0.0
+        self.momentum = True  # the step leaves fresh moments behind
+        return 0.1, 1.0
+
+    def hold_out(self):
+        self.momentum = False
+
+    def evaluate(self, ids):
+        self.evaluations += 1
+        return Evaluation(0.9, 1, 1, 0.1, 0.1, loss=self.loss)
+
+    def snapshot(self):
+        return self.loss, self.momentum
+
+    def restore(self, value):
+        self.loss, self.momentum = value
+
+
+def test_heldout_judges_the_candidate_without_the_momentum_drift():
+    model = DriftingModel({"good": -0.001, "bad": 0.002}, drift=0.01)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Criterion("heldout", error=0.0003), revisit=2,
+                        studies={"good": "A", "bad": "A"}, hold_out_momentum=model.hold_out)
+    qc.baseline()
+    qc.cycle = 10
+    qc.verify_batch("A", ["good"])
+    # accepted on its own effect (-0.001 <= 0.0003), then made as the ordinary step: the kept
+    # model carries the drift and is evaluated again to become the reference
+    row = qc.state.log[-1]
+    assert row["Ignored"] == 0 and row["STATISTIC"] == pytest.approx(-0.001)
+    assert row["VAL_LOSS"] == pytest.approx(0.5 - 0.001 + 0.01)
+    assert model.loss == pytest.approx(0.509) and model.evaluations == 1 + 2
+    qc.verify_batch("A", ["bad"])  # +0.002 > 0.0003: flagged, retried alone, flagged again
+    assert [(r["Subject"], r["Ignored"]) for r in qc.state.log[-2:]] == [("batch", 1), ("bad", 1)]
+    assert model.loss == pytest.approx(0.509) and model.momentum  # undone, momentum back
+    assert qc.status("bad") == "pending" and qc.state.log[-1]["LIMIT"] == 0.0003
+    # the same updates under the plain loss rule: the drift alone flags the good image too
+    plain = DriftingModel({"good": -0.001}, drift=0.01)
+    qc2 = QualityControl(plain.train, plain.evaluate, plain.snapshot, plain.restore,
+                         criterion=Criterion("loss", error=0.0003), revisit=2,
+                         studies={"good": "A"})
+    qc2.baseline()
+    qc2.verify_batch("A", ["good"])
+    assert qc2.state.log[-1]["Ignored"] == 1
+
+
+def test_heldout_needs_the_momentum_switch():
+    model = DriftingModel({"a": 0.0}, drift=0.0)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Criterion("heldout", error=0.001), revisit=2,
+                        studies={"a": "A"})
+    qc.baseline()
+    with pytest.raises(ValueError, match="hold_out_momentum"):
+        qc.verify_batch("A", ["a"])
+
+
+def test_trainer_holds_out_adams_first_moments_only():
+    keras = pytest.importorskip("keras")
+    from dqc.model import build_models
+    from dqc.trainer import Trainer
+
+    keras.utils.set_random_seed(0)
+    trainer = Trainer(*build_models((16, 20, 16)))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 20, 16, 1)).astype(np.float32)
+    trainer.train_step(x, np.array([0.0, 1.0]))
+    moments = {v.path: np.asarray(v.numpy()) for v in trainer.optimizer.variables}
+    trainer.hold_out_momentum()
+    for v in trainer.optimizer.variables:
+        after = np.asarray(v.numpy())
+        if v.path.endswith("_momentum"):
+            assert not after.any()
+        else:
+            assert np.array_equal(after, moments[v.path]), v.path
+    assert any(p.endswith("_momentum") and moments[p].any() for p in moments)
