@@ -218,13 +218,16 @@ def candidate_row(candidate: Candidate, ref: Evaluation, new: Evaluation, own_lo
 def measure(model: Updatable, candidates: Sequence[Candidate],
             data: Callable[[Candidate], tuple[np.ndarray, np.ndarray]],
             evaluate: Callable[[], np.ndarray], y_val: np.ndarray, *, error: float,
-            learning_rate: float, verbose: bool = True) -> tuple[pd.DataFrame, Evaluation]:
+            learning_rate: float, hold_out_momentum: bool = False,
+            verbose: bool = True) -> tuple[pd.DataFrame, Evaluation]:
     """One step per candidate from the same state; returns the raw rows and the baseline.
 
     `evaluate()` gives the validation scores of the current model (injectable, so tests can
     use a stand-in); `dqc.qc.evaluate_predictions` turns them into errors, rates,
     cross-entropy and AUROC. The learning rate is set after the snapshot, so restoring it
     puts the loaded rate back too: the model leaves exactly as it came, even on an exception.
+    With `hold_out_momentum` each step is taken with Adam's first moments zeroed (the check
+    step of QC criterion `heldout`; the model then needs a `hold_out_momentum()` method).
     """
     base = evaluate_predictions(y_val, evaluate())
     snapshot = model.snapshot()
@@ -233,6 +236,8 @@ def measure(model: Updatable, candidates: Sequence[Candidate],
         for candidate in progress(candidates, desc="candidates", disable=not verbose):
             x, y = data(candidate)
             model.set_learning_rate(learning_rate)
+            if hold_out_momentum:
+                model.hold_out_momentum()  # type: ignore[attr-defined]
             own_loss, _ = model.train_step(x, y)
             after = evaluate_predictions(y_val, evaluate())
             model.restore(snapshot)
@@ -366,7 +371,8 @@ def markdown(table: pd.DataFrame, summary: dict) -> str:
     s, base = summary, summary.get("baseline", {})
     text = ["# Detectability of single updates", ""]
     if base:
-        text += [f"One training step per candidate from one model state, learning rate "
+        held = " with Adam's first moments held out" if s.get("hold_out_momentum") else ""
+        text += [f"One training step{held} per candidate from one model state, learning rate "
                  f"{s['learning_rate']:.3g} (cycle {s['cycle']}); validation set of "
                  f"{base['n_hc'] + base['n_pd']} images ({base['n_pd']} PD, {base['n_hc']} HC): "
                  f"baseline FP {base['fp']}, FN {base['fn']}, loss {base['val_loss']:.4f}, "
@@ -428,7 +434,7 @@ def run_instrument(trainer: Trainer, train_table: pd.DataFrame, val_table: pd.Da
                    types: Sequence[str] | None = None, n: int = 20, batch_size: int = 5,
                    error: float = 0.02, cycle: int = 10, seed: int = 0, out: str | Path = ".",
                    evaluate: Callable[[], np.ndarray] | None = None,
-                   verbose: bool = True) -> dict:
+                   hold_out_momentum: bool = False, verbose: bool = True) -> dict:
     """Plan, measure, summarize and write; returns the summary (what detectability.json holds).
 
     `trainer` is a `dqc.trainer.Trainer` (left exactly as it came); the tables are
@@ -450,11 +456,12 @@ def run_instrument(trainer: Trainer, train_table: pd.DataFrame, val_table: pd.Da
     raw, base = measure(trainer, candidates,
                         lambda c: candidate_arrays(c, train_table, shape, seed), evaluate,
                         val_table.Group_bin.to_numpy(), error=error, learning_rate=lr,
-                        verbose=verbose)
+                        hold_out_momentum=hold_out_momentum, verbose=verbose)
     table, summary = summarize(raw, error)
     n_pd = int(val_table.Group_bin.sum())
     summary = {"cycle": cycle, "learning_rate": lr, "n": n, "batch_size": batch_size,
                "seed": seed, "types": list(types) if types is not None else None,
+               "hold_out_momentum": hold_out_momentum,
                "baseline": {"fp": base.fp, "fn": base.fn, "fpr": base.fpr, "fnr": base.fnr,
                             "acc": base.acc, "val_loss": base.loss, "val_auroc": base.auroc,
                             "n_hc": len(val_table) - n_pd, "n_pd": n_pd},
@@ -489,6 +496,9 @@ def parse_args(argv=None):
     p.add_argument("-error", type=float, default=0.02, help="the QC rule's e (flag a rise "
                    "of either rate by more than k * e)")
     p.add_argument("--cycle", type=int, default=10, help="train at this cycle's learning rate")
+    p.add_argument("--hold-out-momentum", action="store_true", help="take each step with "
+                   "Adam's first moments zeroed, as QC criterion heldout checks an update; the "
+                   "calibrated loss tolerance is then a -error for --criterion heldout")
     p.add_argument("--seed", type=int, default=0, help="draws candidates and corruptions")
     p.add_argument("--out", default=".", help="folder for the detectability_* files")
     p.add_argument("--eval-batch-size", type=int, default=16,
@@ -513,7 +523,8 @@ def main(argv=None) -> int:
     trainer, _ = load_trainer(args.en, args.pd, eval_batch_size=args.eval_batch_size)
     summary = run_instrument(trainer, train, val, types=types, n=args.n,
                              batch_size=args.batch_size, error=args.error, cycle=args.cycle,
-                             seed=args.seed, out=args.out, verbose=not args.quiet)
+                             seed=args.seed, out=args.out,
+                             hold_out_momentum=args.hold_out_momentum, verbose=not args.quiet)
     print(summary_line(summary, args.out))
     return 0
 
