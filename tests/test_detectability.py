@@ -184,6 +184,27 @@ def test_stand_in_numbers_match_hand_computation():
     assert looser.set_index("group").flagged.tolist() == [0, 0.5, 0, 0]  # k=2: 0.5 < 0.6
 
 
+def test_hold_out_momentum_zeroes_before_every_step_only_when_asked():
+    calls = []
+
+    class Held(StandIn):
+        def hold_out_momentum(self):
+            calls.append(("hold", self.state))
+
+        def train_step(self, x, y):
+            calls.append(("step", self.state))
+            return super().train_step(x, y)
+
+    candidates = [Candidate("good", "batch", "good", "C1", ("a", "b"), 0)] * 3
+    for held_out, expected in ((True, [("hold", 0), ("step", 0)] * 3),
+                               (False, [("step", 0)] * 3)):
+        calls.clear()
+        measure(Held([0.1] * 3), candidates, lambda c: (np.zeros((1,)), np.zeros(1)),
+                lambda: np.array(BASE), Y, error=0.2, learning_rate=1e-3,
+                hold_out_momentum=held_out, verbose=False)
+        assert calls == expected
+
+
 # --- the two summary functions ------------------------------------------------------------------
 
 @pytest.mark.parametrize("values, fraction, expected", [
