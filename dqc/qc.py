@@ -277,19 +277,25 @@ class QualityControl:
     check follows the candidate's own gradient rather than the momentum of earlier batches
     (Adam takes 90% of a step's direction from them); a harmless update is then undone and
     made again as the ordinary step, which is evaluated to become the next reference.
+    `train_losses` starts a new run's window of accepted batch losses (`trainloss`): the
+    pre-training's last cycle, whose updates were all kept, so that a harmful center met
+    before ten batches were accepted is judged too.
     """
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
                  restore: Callable[[object], None], *, revisit: int, studies: dict[str, str],
                  error: float = 0.02, criterion: Criterion | None = None,
                  state: QCState | None = None, on_event: Event | None = None,
-                 hold_out_momentum: Callable[[], None] | None = None):
+                 hold_out_momentum: Callable[[], None] | None = None,
+                 train_losses: Sequence[float] = ()):
         self.train, self.evaluate = train, evaluate
         self.hold_out_momentum = hold_out_momentum
         self.snapshot, self.restore = snapshot, restore
         self.criterion = criterion or Criterion("rates", error=error)
         self.revisit = revisit
-        self.state = state or QCState(images={s: ImageRecord(c) for s, c in studies.items()})
+        self.state = state or QCState(
+            images={s: ImageRecord(c) for s, c in studies.items()},
+            train_losses=list(train_losses)[-self.criterion.window:])
         self.on_event = on_event or (lambda message: None)
         self.cycle = 0
 

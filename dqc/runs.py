@@ -90,7 +90,7 @@ def _start(spec: RunSpec, table: pd.DataFrame) -> tuple[Trainer, int, dict]:
             raise DQCError("give both -en (encoder) and -pd (classifier) model files")
         trainer, meta = checkpoint.load_trainer(spec.encoder, spec.classifier,
                                                 **spec.trainer_options())
-        return trainer, spec.cycles.start, {}
+        return trainer, spec.cycles.start, meta
     shape = spec.image_shape
     if shape is None:
         first = table.iloc[0]
@@ -134,7 +134,8 @@ def train_cycles(spec: RunSpec) -> list[CycleStats]:
                           prefetch=_prefetch(spec, store), verbose=spec.verbose,
                           schedule=spec.schedule())
         checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle,
-                              {"seed": spec.seed, "learning_rate": stats.learning_rate})
+                              {"seed": spec.seed, "learning_rate": stats.learning_rate,
+                               "batch_losses": list(stats.batch_losses)})
         spec.echo(stats.line())
         history.append(stats)
     return history
@@ -262,7 +263,8 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                             criterion=qspec.rule(), revisit=qspec.revisit,
                             studies=dict(zip(train.Subject, train.Study)),
                             state=QCState.from_json(meta["qc"]) if resumed else None,
-                            on_event=spec.echo, hold_out_momentum=trainer.hold_out_momentum)
+                            on_event=spec.echo, hold_out_momentum=trainer.hold_out_momentum,
+                            train_losses=meta.get("batch_losses", ()))
     if not resumed:
         with clock.paused():  # timings are of the cycles only
             policy.baseline()

@@ -102,6 +102,7 @@ class CycleStats:
     accuracy: float
     seconds: float
     learning_rate: float
+    batch_losses: tuple[float, ...] = ()  # each step's own loss, in order
 
     def line(self) -> str:
         return (f"cycle {self.cycle:3d}  loss {self.loss:.4f}  train acc {self.accuracy:.3f}  "
@@ -129,12 +130,14 @@ def run_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step:
     progress = bar(total_images, desc=f"cycle {cycle}", disable=not verbose)
     loss_sum = acc_sum = 0.0
     images = batches = 0
+    losses = []
     plan = cycle_batches(centers, cycle_rng(seed, cycle), batch_size, epochs, select)
     for (center, ids), upcoming in lookahead(plan):
         if prefetch and upcoming:
             prefetch(upcoming[1])
         loss, acc = step(center, ids)
         loss_sum += loss * len(ids)
+        losses.append(float(loss))
         acc_sum += acc * len(ids)
         images += len(ids)
         batches += 1
@@ -142,4 +145,4 @@ def run_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step:
         progress.set_postfix_str(f"{center} loss {loss_sum / images:.3f}", refresh=False)
     progress.close()
     return CycleStats(cycle, batches, images, loss_sum / max(images, 1), acc_sum / max(images, 1),
-                      time.perf_counter() - start, lr)
+                      time.perf_counter() - start, lr, tuple(losses))

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import assert_same_qc_outputs
@@ -53,19 +54,35 @@ def test_unregistered_or_keyless_nodes_are_refused(tmp_path: Path):
     assert not _processes_mentioning(str(tmp_path))
 
 
-@pytest.mark.deploy  # ~3 min on 2 cores: `make test-deploy`
+#: The simulation test's setting (tests/test_federated_simulation.py): C04's labels are flipped
+#: (`federated_case`), and `trainloss` (its window starts with the pre-training's last cycle)
+#: undoes C04's batch and then each of its images in cycle 3, and eliminates them on revisit in
+#: cycle 4.
+CYCLES = 5  # cycles 3..4 after the pre-trained 0..2
+FLAGS = ("--criterion", "trainloss", "--window", "10")
+
+
+@pytest.mark.deploy  # ~6 min on 2 busy cores (45 remote updates): `make test-deploy`
 def test_deployed_run_gives_the_single_machine_results(federated_case: dict, tmp_path: Path):
     from dqc.federated.__main__ import parse_args
     from dqc.federated.loopback import deploy
 
     work, out = tmp_path / "work", tmp_path / "out"
-    args = parse_args(["deploy", *federated_case["common"], "-cycles", "4", "--out", str(out),
-                       "--work", str(work)])
+    args = parse_args(["deploy", *federated_case["common"], "-cycles", str(CYCLES), *FLAGS,
+                       "--out", str(out), "--work", str(work)])
     summary = deploy(args, timeout=900)
     assert not _processes_mentioning(str(work))  # SuperLink, SuperNodes, workers: all stopped
     assert summary == out / "qc_summary.json"
-    log = assert_same_qc_outputs(federated_case["single"](4), out, last_cycle=3)
-    assert log.Ignored.sum() >= 3
+    log = assert_same_qc_outputs(federated_case["single"](CYCLES, *FLAGS), out,
+                                 last_cycle=CYCLES - 1)
+    # non-trivial decisions by construction, not floating-point luck: lower bounds only
+    assert (log.Ignored == 0).sum() >= 5 and log.Ignored.sum() >= 9
+    images = pd.read_csv(out / "qc_images.csv")
+    harmful = images.Subject[images.Harmful == 1]  # the nodes' ground truth reached the report
+    assert len(harmful) == 4 and images.eliminated[images.Harmful == 1].all()
+    alone = log[log.Subject.isin(harmful)]  # checked alone in cycle 3, revisited in cycle 4
+    assert list(alone.Cycle) == [3] * 4 + [4] * 4 and alone.Ignored.all()
+    assert ((log.Subject == "batch") & (log.Study == "C04") & (log.Ignored == 1)).any()
     network = json.loads((out / "qc_network.json").read_text())
     assert network["updates"] == len(log) - 1
     # the nodes read the images, through their workers; the TLS material stayed in the work dir

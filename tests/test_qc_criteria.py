@@ -207,6 +207,20 @@ def test_trainloss_window_takes_batches_of_the_regular_pass_only():
     assert qc.state.train_losses == window  # q's accepted single-image loss stays out
 
 
+def test_trainloss_window_can_start_from_the_pretraining():
+    losses = {"h": 5.0}
+    model = FakeModel({}, losses)
+    seed = [1.0 + i / 100 for i in range(60)]
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Criterion("trainloss", z=3.0, window=50), revisit=2,
+                        studies={"h": "A"}, train_losses=seed)
+    assert qc.state.train_losses == seed[-50:]
+    qc.baseline()
+    qc.cycle = 10
+    qc.verify_batch("A", ["h"])  # the very first update of the run is judged
+    assert qc.state.log[1]["Ignored"] == 1 and qc.status("h") == "pending"
+
+
 def test_rates_keeps_the_paper_log_and_default():
     model = FakeModel({})
     qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,

@@ -182,6 +182,9 @@ def test_each_cycle_trains_at_its_decayed_learning_rate(full_run):
         meta, _ = checkpoint.read_state(checkpoint.cycle_paths(full_run["out"], "tm", c)["state"])
         assert meta["cycle"] == c and meta["seed"] == SEED
         assert meta["learning_rate"] == learning_rate(c)
+        # each step's own loss, kept for a later QC run's trainloss window
+        assert meta["batch_losses"] == list(stats.batch_losses)
+        assert len(stats.batch_losses) == stats.batches
 
 
 def test_every_cycle_writes_three_files_and_nothing_else(full_run):
