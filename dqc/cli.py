@@ -122,7 +122,8 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "retried alone R cycles later; harmful again means eliminated")
     p.add_argument("-error", type=float, default=0.02, help="e: tolerated rise of either rate "
                    "per image in the update (k * e for k images); with --criterion loss, the "
-                   "tolerated rise of the validation cross-entropy per image, in nats")
+                   "tolerated rise of the validation cross-entropy per image, in nats; with "
+                   "heldout and combined, its tolerated rise for one update, in nats")
     p.add_argument("-fn_save", default="qc", help="NAME of the outputs: NAME.csv (log), "
                    "NAME_images.csv, NAME_summary.json and NAME_*_CCC model files")
     p.add_argument("--batch-size", type=int, default=5, help="images per update")
@@ -139,8 +140,9 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "--window accepted batches' (no validation set needed to decide); heldout: "
                    "a check step taken without Adam's momentum raises the validation "
                    "cross-entropy by more than e nats (whatever k), and a harmless update is "
-                   "then made as the ordinary step. Other than rates, the log gains VAL_LOSS, "
-                   "VAL_AUROC, TRAIN_LOSS, STATISTIC, LIMIT")
+                   "then made as the ordinary step; combined: batches as trainloss, one image "
+                   "alone as heldout. Other than rates, the log gains VAL_LOSS, VAL_AUROC, "
+                   "TRAIN_LOSS, STATISTIC, LIMIT")
     p.add_argument("--alpha", type=float, default=0.05, help="mcnemar: significance level")
     p.add_argument("--z", type=float, default=3.0, help="trainloss: robust z-score bound")
     p.add_argument("--window", type=int, default=50, help="trainloss: how many accepted "

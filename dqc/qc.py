@@ -28,7 +28,8 @@ LOG_COLUMNS = ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN", "Ig
 CRITERION_COLUMNS = ["VAL_LOSS", "VAL_AUROC", "TRAIN_LOSS", "STATISTIC", "LIMIT"]
 #: Each criterion's parameters (the `Criterion` fields it reads).
 CRITERIA = {"rates": ("error",), "loss": ("error",), "mcnemar": ("alpha",),
-            "trainloss": ("z", "window"), "heldout": ("error",)}
+            "trainloss": ("z", "window"), "heldout": ("error",),
+            "combined": ("z", "window", "error")}
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,9 @@ class Criterion:
     (`loss`), or the tolerated rise of the validation BCE of a check step taken with Adam's
     first moments held out (`heldout`, nats, whatever the number of images: Adam's step size
     does not grow with the batch); alpha: McNemar's significance level; z, window: the
-    `trainloss` bound and how many accepted training losses it looks back on.
+    `trainloss` bound and how many accepted training losses it looks back on. `combined`
+    judges batches as `trainloss` and one image alone as `heldout`: a batch's own loss sees
+    harm, one image's does not (BatchNorm over one image), its validation check does.
     """
 
     name: str = "rates"
@@ -188,10 +191,10 @@ class Criterion:
     def params(self) -> dict:
         return {"name": self.name, **{k: getattr(self, k) for k in CRITERIA[self.name]}}
 
-    @property
-    def holds_out_momentum(self) -> bool:
-        """Whether the check step is taken without the optimizer's momentum (`heldout`)."""
-        return self.name == "heldout"
+    def holds_out_momentum(self, n_images: int) -> bool:
+        """Whether the check step is taken without the optimizer's momentum: always under
+        `heldout`, for one image alone under `combined`."""
+        return self.name == "heldout" or (self.name == "combined" and n_images == 1)
 
     def judge(self, new: Evaluation, reference: Evaluation, n_images: int,
               train_loss: float, accepted_losses: Sequence[float]) -> Verdict:
@@ -203,8 +206,10 @@ class Criterion:
             return mcnemar_verdict(new, reference, self.alpha)
         if self.name == "trainloss":
             return trainloss_verdict(train_loss, accepted_losses, self.z)
-        if self.name == "heldout":
+        if self.name == "heldout" or (self.name == "combined" and n_images == 1):
             return loss_verdict(new.loss, reference.loss, 1, self.error)
+        if self.name == "combined":
+            return trainloss_verdict(train_loss, accepted_losses, self.z)
         raise ValueError(f"unknown criterion {self.name!r}")
 
     def log_columns(self) -> list[str]:
@@ -345,7 +350,7 @@ class QualityControl:
     def _try(self, center: str, ids: list[str], subject: str) -> tuple[bool, float, float]:
         """Snapshot, train, evaluate, log; undo if harmful. Returns (harmful, loss, acc)."""
         snap = self.snapshot()
-        held_out = self.criterion.holds_out_momentum
+        held_out = self.criterion.holds_out_momentum(len(ids))
         if held_out:
             if self.hold_out_momentum is None:
                 raise ValueError("criterion heldout needs hold_out_momentum")

@@ -110,7 +110,7 @@ def summary(stages, scenarios: dict[str, str]) -> dict:
               "auroc_cycles": [first, c.cycles - 1],
               "per_type": {}, "scenarios": {}}
     for t in c.types:
-        dirty, dirty_mean = _auroc(out, f"dirty_{t}", first)
+        dirty, dirty_mean = _auroc(out, stages.type_run(t), first)
         result["per_type"][t] = {"dirty_auroc": dirty, "dirty_auroc_mean": dirty_mean}
     for s in scenarios:
         dirty, dirty_mean = _auroc(out, f"dirty_{s}", first)
@@ -229,7 +229,7 @@ def write_report(stages, scenarios: dict[str, str]) -> Path:
         "## Test-set metrics",
         "",
         "Clean: trained on good data only. dirty_TYPE: whole harmful centers of that type "
-        "only, no checks. dirty_A / dirty_B: scenario A (whole harmful centers) and B (single "
+        "only, no checks (scenario A stands for its type when it is of one type). dirty_A / dirty_B: scenario A (whole harmful centers) and B (single "
         "harmful images), no checks. qc_S_CRITERION: the same data with quality control. "
         "Held-out test set (not the QC validation set); the last cycle, and the mean AUROC "
         "over the continued cycles (one cycle's AUROC swings by a few points).",

@@ -11,7 +11,7 @@ from dqc.demo import DemoConfig, Stages
 
 TINY = dict(centers=5, n_train=30, n_val=16, n_test=12, downsample=8, effect=0.6, pretrain=2,
             cycles=4, error=0.2, whole_centers=1, single_images=2, width=0.25,
-            criteria=("rates", "loss"),
+            criteria=("rates", "combined"),
             instrument_n=2, verbose=False)
 
 
@@ -26,18 +26,20 @@ def test_report_files_and_table(demo: Path):
     report = demo / "report"
     for name in ("README.md", "results.csv", "detection.csv", "summary.json",
                  "test_metrics_A.png", "test_metrics_B.png", "qc_log_A_rates.png",
-                 "qc_log_B_loss.png", "harmful_types.png", "detectability.png"):
+                 "qc_log_B_combined.png", "harmful_types.png", "detectability.png"):
         assert (report / name).is_file(), name
     for png in report.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = pd.read_csv(report / "results.csv")
-    assert list(results.run) == ["clean", "dirty_inverted", "dirty_noise", "dirty_A",
-                                 "qc_A_rates", "qc_A_loss", "dirty_B", "qc_B_rates", "qc_B_loss"]
+    # scenario A is whole inverted centers: it stands for the inverted type's own run
+    assert list(results.run) == ["clean", "dirty_noise", "dirty_A",
+                                 "qc_A_rates", "qc_A_combined", "dirty_B", "qc_B_rates",
+                                 "qc_B_combined"]
     assert set(results.cycle) == {TINY["cycles"] - 1}
     assert results[["accuracy", "auroc"]].apply(lambda c: c.between(0, 1)).all().all()
     detection = pd.read_csv(report / "detection.csv")
     assert list(detection.scenario) == ["whole harmful centers"] * 2 + ["single harmful images"] * 2
-    assert list(detection.criterion) == ["rates", "loss"] * 2
+    assert list(detection.criterion) == ["rates", "combined"] * 2
     # scenario A: one whole center of the 30 training images; B: two added images
     assert detection["harmful eliminated"].str.split("/").str[1].astype(int).tolist()[2] == 2
     text = (report / "README.md").read_text()
@@ -48,11 +50,13 @@ def test_report_files_and_table(demo: Path):
     assert summary["clean_auroc"] == pytest.approx(clean["clean"], abs=5e-4)
     whole = summary["scenarios"]["whole_centers"]
     assert whole["dirty_auroc"] == pytest.approx(clean["dirty_A"], abs=5e-4)
-    assert [r["criterion"] for r in whole["qc"]] == ["rates", "loss"]
+    assert [r["criterion"] for r in whole["qc"]] == ["rates", "combined"]
     a_rates = pd.read_csv(demo / "qc_A_rates" / "qc_images.csv")
     harmful = a_rates[a_rates.Harmful == 1]
     assert whole["qc"][0]["harmful_eliminated"] == pytest.approx(harmful.eliminated.mean())
     assert set(summary["scenarios"]) == {"whole_centers", "single_images"}
+    assert summary["per_type"]["inverted"]["dirty_auroc"] == whole["dirty_auroc"]
+    assert not (demo / "dirty_inverted").exists()
 
 
 def test_rerun_reuses_every_stage(demo: Path, capsys):

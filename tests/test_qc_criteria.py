@@ -405,3 +405,28 @@ def test_trainer_holds_out_adams_first_moments_only():
         else:
             assert np.array_equal(after, moments[v.path]), v.path
     assert any(p.endswith("_momentum") and moments[p].any() for p in moments)
+
+
+def test_combined_judges_batches_by_own_loss_and_single_images_by_held_out_check():
+    class Model(DriftingModel):
+        def train(self, center, ids):
+            super().train(center, ids)
+            return (2.0 if len(ids) > 1 else 0.69), 1.0  # a batch's loss sees; one image's not
+
+    model = Model({"good": -0.001, "bad": 0.002}, drift=0.01)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Criterion("combined", error=0.0005, z=3.0, window=50),
+                        revisit=2, studies={"good": "A", "bad": "A"},
+                        hold_out_momentum=model.hold_out, train_losses=[0.1 + i / 1000
+                                                                         for i in range(20)])
+    qc.baseline()
+    qc.cycle = 10
+    qc.verify_batch("A", ["good", "bad"])
+    rows = [(r["Subject"], r["Ignored"], r["STATISTIC"], r["LIMIT"]) for r in qc.state.log[1:]]
+    assert [r[:2] for r in rows] == [("batch", 1), ("good", 0), ("bad", 1)]
+    assert rows[0][2] == 2.0 and rows[0][3] < 0.2  # the batch: its own loss against the window
+    assert rows[1][2] == pytest.approx(-0.001) and rows[1][3] == 0.0005  # held-out check
+    assert rows[2][2] == pytest.approx(0.002)
+    assert qc.status("bad") == "pending" and qc.status("good") == "kept"
+    assert not Criterion("combined").holds_out_momentum(5)
+    assert Criterion("combined").holds_out_momentum(1) and Criterion("heldout").holds_out_momentum(5)
