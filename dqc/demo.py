@@ -265,8 +265,8 @@ def parse_args(argv=None):
     d = DemoConfig(out=Path("demo_out"))
     p = Parser(description=__doc__)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--quick", action="store_true", help="a small, fast variant (about 3 "
-                   "minutes): fewer, smaller images and cycles; numbers are only indicative")
+    p.add_argument("--quick", action="store_true", help="a small, fast variant (about 1 "
+                   "minute): fewer, smaller images and cycles; numbers are only indicative")
     p.add_argument("--centers", type=int, help=f"number of centers (default {d.centers})")
     p.add_argument("--train", type=int, dest="n_train", help=f"training images ({d.n_train})")
     p.add_argument("--val", type=int, dest="n_val", help=f"validation images for QC ({d.n_val})")
