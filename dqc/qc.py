@@ -206,7 +206,7 @@ class Criterion:
             return mcnemar_verdict(new, reference, self.alpha)
         if self.name == "trainloss":
             return trainloss_verdict(train_loss, accepted_losses, self.z)
-        if self.name == "heldout" or (self.name == "combined" and n_images == 1):
+        if self.holds_out_momentum(n_images):  # heldout, or combined for one image
             return loss_verdict(new.loss, reference.loss, 1, self.error)
         if self.name == "combined":
             return trainloss_verdict(train_loss, accepted_losses, self.z)
