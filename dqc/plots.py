@@ -41,20 +41,24 @@ def plot_runs(metrics: dict[str, pd.DataFrame], path: str | Path,
 def plot_qc_log(log: pd.DataFrame, images: pd.DataFrame, path: str | Path,
                 title: str = "quality control") -> Path:
     """False-positive and false-negative rates over evaluations; undone and eliminated marked."""
-    log = log.reset_index(drop=True)
+    log = log.reset_index(drop=True).copy()
+    for column in ("PFP", "PFN"):  # empty where an update was judged without evaluation
+        log[column] = pd.to_numeric(log[column], errors="coerce")
     x = np.arange(len(log))
+    shown = log.PFP.notna().to_numpy()
     fig, ax = plt.subplots(figsize=(11, 3.6))
-    ax.plot(x, log.PFP, lw=1, label="false-positive rate")
-    ax.plot(x, log.PFN, lw=1, label="false-negative rate")
+    ax.plot(x[shown], log.PFP[shown], lw=1, label="false-positive rate")
+    ax.plot(x[shown], log.PFN[shown], lw=1, label="false-negative rate")
+    at = log.PFN.ffill().fillna(0.0)  # markers of unevaluated rows: at the last known FNR
     undone = log.Ignored == 1
-    ax.scatter(x[undone], log.PFN[undone], marker="x", color="crimson", s=18, zorder=3,
+    ax.scatter(x[undone], at[undone], marker="x", color="crimson", s=18, zorder=3,
                label="update undone (flagged)")
     eliminated = set(images.loc[images.eliminated == 1, "Subject"].astype(str))
     cycle_of = dict(zip(images.Subject.astype(str), images.eliminated_cycle))
     elim = np.array([str(s) in eliminated and c == cycle_of.get(str(s)) and ig == 1
                      for s, c, ig in zip(log.Subject, log.Cycle, log.Ignored)])
     if elim.any():
-        ax.scatter(x[elim], log.PFN[elim], marker="v", color="black", s=40, zorder=4,
+        ax.scatter(x[elim], at[elim], marker="v", color="black", s=40, zorder=4,
                    label="eliminated")
     cycles = log.Cycle.to_numpy()
     for start in np.flatnonzero(np.r_[True, cycles[1:] != cycles[:-1]]):

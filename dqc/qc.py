@@ -52,6 +52,10 @@ class Evaluation:
     truth: str = ""
 
 
+#: The figures of an update that was judged without the validation set (its own loss).
+NOT_EVALUATED = Evaluation(math.nan, math.nan, math.nan, math.nan, math.nan)  # type: ignore[arg-type]
+
+
 def evaluate_predictions(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5,
                          legacy_rates: bool = False) -> Evaluation:
     """Accuracy, false positives/negatives and their rates at `threshold` (score >= t is PD).
@@ -191,6 +195,11 @@ class Criterion:
     def params(self) -> dict:
         return {"name": self.name, **{k: getattr(self, k) for k in CRITERIA[self.name]}}
 
+    def needs_evaluation(self, n_images: int) -> bool:
+        """Whether judging an update of n images needs the validation set: not when its own
+        training loss decides (`trainloss`, and `combined`'s batches)."""
+        return not (self.name == "trainloss" or (self.name == "combined" and n_images > 1))
+
     def holds_out_momentum(self, n_images: int) -> bool:
         """Whether the check step is taken without the optimizer's momentum: always under
         `heldout`, for one image alone under `combined`."""
@@ -282,6 +291,9 @@ class QualityControl:
     check follows the candidate's own gradient rather than the momentum of earlier batches
     (Adam takes 90% of a step's direction from them); a harmless update is then undone and
     made again as the ordinary step, which is evaluated to become the next reference.
+    An update that the criterion judges by its own training loss is not evaluated (its log
+    row's figures are empty); the reference is then evaluated when a later check needs it,
+    so decisions are those of evaluating every update, for fewer validation passes.
     `train_losses` starts a new run's window of accepted batch losses (`trainloss`): the
     pre-training's last cycle, whose updates were all kept, so that a harmful center met
     before ten batches were accepted is judged too.
@@ -323,7 +335,7 @@ class QualityControl:
         self.state.log.append(row)
         if verdict.harmful:
             return
-        self.state.reference = ev
+        self.state.reference = None if ev is NOT_EVALUATED else ev
         if train_loss is not None and subject == "batch":
             recent = self.state.train_losses + [train_loss]
             self.state.train_losses = recent[-self.criterion.window:]
@@ -349,6 +361,9 @@ class QualityControl:
     # --- the policy ------------------------------------------------------------------------
     def _try(self, center: str, ids: list[str], subject: str) -> tuple[bool, float, float]:
         """Snapshot, train, evaluate, log; undo if harmful. Returns (harmful, loss, acc)."""
+        evaluated = self.criterion.needs_evaluation(len(ids))
+        if evaluated and self.state.reference is None:  # stale after unevaluated updates
+            self.state.reference = self.evaluate([])
         snap = self.snapshot()
         held_out = self.criterion.holds_out_momentum(len(ids))
         if held_out:
@@ -356,7 +371,7 @@ class QualityControl:
                 raise ValueError("criterion heldout needs hold_out_momentum")
             self.hold_out_momentum()
         loss, acc = self.train(center, ids)
-        ev = self.evaluate(ids)
+        ev = self.evaluate(ids) if evaluated else NOT_EVALUATED
         verdict = self.criterion.judge(ev, self.state.reference, len(ids), loss,
                                        self.state.train_losses)
         if held_out and not verdict.harmful:  # keep the ordinary step, with its momentum

@@ -112,8 +112,10 @@ def cycle_line(policy: QualityControl, cycle: int, stats, seconds: float) -> str
     rows = [r for r in policy.state.log if r["Cycle"] == cycle]
     undone = sum(r["Ignored"] for r in rows)
     ref = policy.state.reference
+    val = (f"val acc {ref.acc:.3f} FPR {ref.fpr:.3f} FNR {ref.fnr:.3f}" if ref is not None
+           else "val not evaluated")
     return (f"cycle {cycle:3d}  loss {stats.loss:.4f}  train acc {stats.accuracy:.3f}  "
-            f"val acc {ref.acc:.3f} FPR {ref.fpr:.3f} FNR {ref.fnr:.3f}  "
+            f"{val}  "
             f"{len(rows)} evaluations, {undone} undone  "
             f"waiting {len(policy.waiting())}  eliminated {len(policy.eliminated())}  "
             f"{seconds:.1f} s")

@@ -430,3 +430,39 @@ def test_combined_judges_batches_by_own_loss_and_single_images_by_held_out_check
     assert qc.status("bad") == "pending" and qc.status("good") == "kept"
     assert not Criterion("combined").holds_out_momentum(5)
     assert Criterion("combined").holds_out_momentum(1) and Criterion("heldout").holds_out_momentum(5)
+
+
+def test_unevaluated_batches_give_the_decisions_of_evaluating_every_update(monkeypatch):
+    """combined judges a batch by its own loss alone: it is not evaluated, and the reference
+    of a later one-image check is evaluated then. Same decisions, fewer validation passes."""
+    own = {"a": -0.001, "b": 0.002, "c": -0.0005, "d": 0.0001, "e": -0.002, "f": 0.003}
+    batch_loss = {("a", "b"): 3.0, ("c", "d"): 0.1, ("e", "f"): 2.5}
+
+    def run(eager: bool):
+        class Model(DriftingModel):
+            def train(self, center, ids):
+                super().train(center, ids)
+                return batch_loss.get(tuple(ids), 0.69), 1.0
+
+        if eager:
+            monkeypatch.setattr(Criterion, "needs_evaluation", lambda self, n: True)
+        else:
+            monkeypatch.undo()
+        model = Model(own, drift=0.01)
+        qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                            criterion=Criterion("combined", error=0.0005), revisit=2,
+                            studies={s: "A" for s in own}, hold_out_momentum=model.hold_out,
+                            train_losses=[0.1 + i / 1000 for i in range(20)])
+        qc.baseline()
+        qc.cycle = 10
+        for ids in batch_loss:
+            qc.verify_batch("A", list(ids))
+        return [(r["Subject"], r["Ignored"]) for r in qc.state.log], model.evaluations, qc
+
+    eager, eager_evaluations, _ = run(eager=True)
+    lazy, lazy_evaluations, qc = run(eager=False)
+    assert lazy == eager
+    assert ("b", 1) in lazy and ("a", 0) in lazy and ("c", 0) not in lazy  # c, d kept as batch
+    assert lazy_evaluations < eager_evaluations
+    batch_rows = [r for r in qc.state.log[1:] if r["Subject"] == "batch"]
+    assert all(math.isnan(r["FP"]) and math.isnan(r["VAL_LOSS"]) for r in batch_rows)
