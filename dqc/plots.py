@@ -40,7 +40,7 @@ def plot_runs(metrics: dict[str, pd.DataFrame], path: str | Path,
 
 def plot_qc_log(log: pd.DataFrame, images: pd.DataFrame, path: str | Path,
                 title: str = "quality control") -> Path:
-    """False-positive and false-negative rates over evaluations; undone and eliminated marked."""
+    """False-positive and false-negative rates over the log; undone and eliminated marked."""
     log = log.reset_index(drop=True).copy()
     for column in ("PFP", "PFN"):  # empty where an update was judged without evaluation
         log[column] = pd.to_numeric(log[column], errors="coerce")
@@ -65,7 +65,7 @@ def plot_qc_log(log: pd.DataFrame, images: pd.DataFrame, path: str | Path,
         ax.axvline(start, color="grey", lw=0.5, alpha=0.5)
         ax.text(start, 1.01, str(cycles[start]), fontsize=7, color="grey",
                 transform=ax.get_xaxis_transform())
-    ax.set_xlabel("evaluation (cycle boundaries marked)")
+    ax.set_xlabel("log row: one per update checked (cycle boundaries marked)")
     ax.set_ylabel("rate on validation set")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, pad=14)
