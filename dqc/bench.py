@@ -11,6 +11,7 @@ same data, checks that both made the same decisions, and reports the speed-up.
 
 from __future__ import annotations
 
+from dqc import defaults
 from dqc.cli import quiet_backend
 
 quiet_backend()
@@ -68,7 +69,7 @@ def run_mode(args) -> dict:
     timings = Timings()
     out = Path(args.out) / args.mode_name
     spec = RunSpec(train_csv=args.train, out=str(out), prefix="bench",
-                   cycles=range(args.start_cycle, args.start_cycle + args.cycles), seed=42,
+                   cycles=range(args.start_cycle, args.start_cycle + args.cycles), seed=defaults.SEED,
                    encoder=args.en, classifier=args.pd, cache=not args.no_cache,
                    eval_batch_size=args.eval_batch_size, mixed_precision=args.mixed_precision,
                    naive=args.naive, timings=timings, verbose=not args.quiet,
@@ -117,10 +118,10 @@ def parse_args(argv=None):
     p.add_argument("-en", default=None, help="start from this encoder (default: a fresh model)")
     p.add_argument("-pd", default=None, help="start from this classifier")
     p.add_argument("--cycles", type=int, default=1, help="QC cycles to time")
-    p.add_argument("--start-cycle", type=int, default=10, help="cycle number of the first one")
-    p.add_argument("--error", type=float, default=0.02, help="QC -error")
-    p.add_argument("--revisit", type=int, default=2, help="QC -revisit")
-    p.add_argument("--eval-batch-size", type=int, default=16, help="validation batch size")
+    p.add_argument("--start-cycle", type=int, default=defaults.START_CYCLE, help="cycle number of the first one")
+    p.add_argument("--error", type=float, default=defaults.ERROR, help="QC -error")
+    p.add_argument("--revisit", type=int, default=defaults.REVISIT, help="QC -revisit")
+    p.add_argument("--eval-batch-size", type=int, default=defaults.EVAL_BATCH_SIZE, help="validation batch size")
     p.add_argument("--modes", default="fast", help=f"comma list of {', '.join(MODES)}; each "
                    "runs in its own process")
     p.add_argument("--compare", action="store_true", help="same as --modes fast,naive")

@@ -8,6 +8,7 @@ import sys
 import warnings
 from typing import Callable
 
+from dqc import defaults
 from dqc.errors import DQCError
 from dqc.qc import CRITERIA
 
@@ -78,7 +79,7 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
                         "use instead of once (slow; for memory-starved machines)")
     parser.add_argument("--cache-mb", type=float, default=None, help="memory budget for cached "
                         "training images; above it they stream from disk with prefetch")
-    parser.add_argument("--eval-batch-size", type=int, default=16,
+    parser.add_argument("--eval-batch-size", type=int, default=defaults.EVAL_BATCH_SIZE,
                         help="images per forward pass when evaluating")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="compute in bfloat16 (CPU) / float16 (GPU); faster where the "
@@ -89,7 +90,7 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
 
 def add_lr_schedule_flag(parser: argparse.ArgumentParser) -> None:
     """For runs that continue a pre-trained model (dirty baseline, QC)."""
-    parser.add_argument("--lr-schedule", choices=("continue", "restart"), default="continue",
+    parser.add_argument("--lr-schedule", choices=("continue", "restart"), default=defaults.LR_SCHEDULE,
                         help="continue: cycle c trains at 1e-4 * exp(-0.1 c); restart (the "
                         "authors' dirty/QC scripts): the first cycle keeps the loaded rate "
                         "1e-4 * exp(-0.1 START), each later cycle c trains at "
@@ -118,20 +119,20 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-en", required=True, help="pre-trained encoder file (.keras or .h5)")
     p.add_argument("-pd", required=True, help="pre-trained classifier file (.keras or .h5); "
                    "its PREFIX_state_CCC.npz beside it carries the optimizer state")
-    p.add_argument("-revisit", type=int, default=2, help="R: a flagged image is left out and "
+    p.add_argument("-revisit", type=int, default=defaults.REVISIT, help="R: a flagged image is left out and "
                    "retried alone R cycles later; harmful again means eliminated")
-    p.add_argument("-error", type=float, default=0.02, help="e: tolerated rise of either rate "
+    p.add_argument("-error", type=float, default=defaults.ERROR, help="e: tolerated rise of either rate "
                    "per image in the update (k * e for k images); with --criterion loss, the "
                    "tolerated rise of the validation cross-entropy per image, in nats; with "
                    "heldout and combined, its tolerated rise for one update, in nats")
     p.add_argument("-fn_save", default="qc", help="NAME of the outputs: NAME.csv (log), "
                    "NAME_images.csv, NAME_summary.json and NAME_*_CCC model files")
-    p.add_argument("--batch-size", type=int, default=5, help="images per update")
-    p.add_argument("--start-cycle", type=int, default=10, help="first cycle (the pre-trained "
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="images per update")
+    p.add_argument("--start-cycle", type=int, default=defaults.START_CYCLE, help="first cycle (the pre-trained "
                    "model ends at START-1)")
     p.add_argument("--legacy-rates", action="store_true", help="the authors' denominators: "
                    "FP / number of PD and FN / number of HC (default: FP / HC, FN / PD)")
-    p.add_argument("--criterion", choices=list(CRITERIA), default="rates",
+    p.add_argument("--criterion", choices=list(CRITERIA), default=defaults.CRITERION,
                    help="what makes an update harmful. rates: the paper's rule (FPR or FNR "
                    "rises by more than k * e); loss: the validation cross-entropy rises by "
                    "more than k * e nats; mcnemar: exact one-sided McNemar test on the "
@@ -143,12 +144,12 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "then made as the ordinary step; combined: batches as trainloss, one image "
                    "alone as heldout. Other than rates, the log gains VAL_LOSS, VAL_AUROC, "
                    "TRAIN_LOSS, STATISTIC, LIMIT")
-    p.add_argument("--alpha", type=float, default=0.05, help="mcnemar: significance level")
-    p.add_argument("--z", type=float, default=3.0, help="trainloss: robust z-score bound")
-    p.add_argument("--window", type=int, default=50, help="trainloss: how many accepted "
+    p.add_argument("--alpha", type=float, default=defaults.ALPHA, help="mcnemar: significance level")
+    p.add_argument("--z", type=float, default=defaults.Z, help="trainloss: robust z-score bound")
+    p.add_argument("--window", type=int, default=defaults.WINDOW, help="trainloss: how many accepted "
                    "updates' losses to compare with (flags nothing before 10 are known)")
     add_lr_schedule_flag(p)
-    add_run_flags(p, seed=42, prefix=None)
+    add_run_flags(p, seed=defaults.SEED, prefix=None)
 
 
 def qc_specs(args: argparse.Namespace):

@@ -14,6 +14,7 @@ plots, summary.json) in OUT/report.
 
 from __future__ import annotations
 
+from dqc import defaults
 from dqc.cli import quiet_backend
 
 quiet_backend()
@@ -44,8 +45,8 @@ class DemoConfig:
     intensity: str = "raw"  # the authors' raw intensities (see README: what harms here)
     pretrain: int = 10     # cycles 0..9, as in the paper
     cycles: int = 16       # runs end at cycle 15: QC cycles 10..15, revisits done by 15
-    revisit: int = 2
-    error: float = 0.02    # the paper's rule (criterion `rates`)
+    revisit: int = defaults.REVISIT
+    error: float = defaults.ERROR  # the paper's rule (criterion `rates`)
     criteria: tuple[str, ...] = ("rates", "combined")
     loss_tolerance: float = 0.0003  # criteria `loss`, `heldout`, `combined`: nats (README)
     whole_centers: int = 2
@@ -53,7 +54,7 @@ class DemoConfig:
     single_images: int = 4
     types: tuple[str, ...] = ("inverted", "noise")  # measured one by one; scenario B's
     instrument_n: int = 10
-    pretrain_batch_size: int = 5
+    pretrain_batch_size: int = defaults.BATCH_SIZE
     seed: int = 0
     verbose: bool = True
 
@@ -188,7 +189,7 @@ class Stages:
         p = self.pretrained()
         return dict(train_csv=str(self.scenario_csv(scenario)),
                     out=str(self.run_dir(kind, folder)), prefix=prefix,
-                    cycles=range(self.config.pretrain, self.config.cycles), seed=42,
+                    cycles=range(self.config.pretrain, self.config.cycles), seed=defaults.SEED,
                     encoder=str(p["encoder"]), classifier=str(p["classifier"]))
 
     def train_dirty(self, scenario: str) -> None:

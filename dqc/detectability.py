@@ -19,6 +19,7 @@ detectability.md (per group), detectability.json (summary), detectability.png (p
 
 from __future__ import annotations
 
+from dqc import defaults
 from dqc.cli import quiet_backend
 
 quiet_backend()
@@ -118,7 +119,7 @@ def _harmful_types(table: pd.DataFrame) -> pd.Series:
 
 
 def plan_candidates(table: pd.DataFrame, types: Sequence[str] | None = None, n: int = 20,
-                    batch_size: int = 5, seed: int = 0) -> list[Candidate]:
+                    batch_size: int = defaults.BATCH_SIZE, seed: int = 0) -> list[Candidate]:
     """The candidates of every group, drawn reproducibly from the training table.
 
     Groups: `good` (n batches of one center's good images), one batch group per harmful
@@ -431,8 +432,9 @@ def write_outputs(out: str | Path, raw: pd.DataFrame, table: pd.DataFrame,
 
 
 def run_instrument(trainer: Trainer, train_table: pd.DataFrame, val_table: pd.DataFrame, *,
-                   types: Sequence[str] | None = None, n: int = 20, batch_size: int = 5,
-                   error: float = 0.02, cycle: int = 10, seed: int = 0, out: str | Path = ".",
+                   types: Sequence[str] | None = None, n: int = 20,
+                   batch_size: int = defaults.BATCH_SIZE,
+                   error: float = defaults.ERROR, cycle: int = defaults.START_CYCLE, seed: int = 0, out: str | Path = ".",
                    evaluate: Callable[[], np.ndarray] | None = None,
                    hold_out_momentum: bool = False, verbose: bool = True) -> dict:
     """Plan, measure, summarize and write; returns the summary (what detectability.json holds).
@@ -492,16 +494,16 @@ def parse_args(argv=None):
                    f"fly from the good candidates' images ({', '.join(HARMFUL_TYPES)}); "
                    "default: the training CSV's Harmful rows by HarmfulType")
     p.add_argument("-n", type=int, default=20, help="candidates per group")
-    p.add_argument("--batch-size", type=int, default=5, help="images per batch candidate")
-    p.add_argument("-error", type=float, default=0.02, help="the QC rule's e (flag a rise "
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="images per batch candidate")
+    p.add_argument("-error", type=float, default=defaults.ERROR, help="the QC rule's e (flag a rise "
                    "of either rate by more than k * e)")
-    p.add_argument("--cycle", type=int, default=10, help="train at this cycle's learning rate")
+    p.add_argument("--cycle", type=int, default=defaults.START_CYCLE, help="train at this cycle's learning rate")
     p.add_argument("--hold-out-momentum", action="store_true", help="take each step with "
                    "Adam's first moments zeroed, as QC criterion heldout checks an update; the "
                    "calibrated loss tolerance is then a -error for --criterion heldout")
     p.add_argument("--seed", type=int, default=0, help="draws candidates and corruptions")
     p.add_argument("--out", default=".", help="folder for the detectability_* files")
-    p.add_argument("--eval-batch-size", type=int, default=16,
+    p.add_argument("--eval-batch-size", type=int, default=defaults.EVAL_BATCH_SIZE,
                    help="images per forward pass when evaluating")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from dqc import defaults
 from dqc.data import format_shape, load_table
 from dqc.errors import DQCError
 from dqc.progress import progress
@@ -236,7 +237,7 @@ def _metrics_warn_once(predictions: pd.DataFrame, age_bins: tuple[float, ...],
     return row
 
 
-def predict_cycles(test_csv: str | Path, models: Sequence[CycleModels], eval_batch_size: int = 16,
+def predict_cycles(test_csv: str | Path, models: Sequence[CycleModels], eval_batch_size: int = defaults.EVAL_BATCH_SIZE,
                    verbose: bool = True, age_bins: Iterable[float] = (60, 70),
                    report: Callable[[dict], None] | None = None
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dqc import defaults
+
 #: Floating-point slack so that a rise exactly equal to the threshold is not harmful.
 TOLERANCE = 1e-9
 #: Keras clips predicted probabilities to [eps, 1 - eps] in binary cross-entropy.
@@ -56,24 +58,77 @@ class Evaluation:
 NOT_EVALUATED = Evaluation(math.nan, math.nan, math.nan, math.nan, math.nan)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Tally:
+    """What one share of the validation set says about one model state: the parts that add
+    up across centers into an `Evaluation` (`combine`).
+
+    A center verifying its own images sends only this: the counts always; with `detail`
+    "scores" also its scores sorted within each class (no id, no order: what the loss and
+    the AUROC need); with "predictions" also its 0/1 predictions and labels in its own fixed
+    order (McNemar pairs each image's prediction before and after an update).
+    """
+
+    n_hc: int
+    n_pd: int
+    fp: int
+    fn: int
+    hc_scores: np.ndarray | None = None
+    pd_scores: np.ndarray | None = None
+    pred: str = ""
+    truth: str = ""
+
+
+#: What a criterion needs from each share of the validation set (see `Tally`).
+DETAILS = ("counts", "scores", "predictions")
+
+
+def tally(y_true: np.ndarray, scores: np.ndarray, detail: str = "predictions",
+          threshold: float = 0.5) -> Tally:
+    """One share's `Tally` from its labels and scores (score >= threshold is PD)."""
+    y = np.asarray(y_true).astype(int).reshape(-1)
+    s = np.asarray(scores).reshape(-1)
+    pred = (s.astype(np.float64) >= threshold).astype(int)
+    counts = dict(n_hc=int(np.sum(y == 0)), n_pd=int(np.sum(y == 1)),
+                  fp=int(np.sum((pred == 1) & (y == 0))), fn=int(np.sum((pred == 0) & (y == 1))))
+    if detail == "counts":
+        return Tally(**counts)
+    by_class = dict(hc_scores=np.sort(s[y == 0]), pd_scores=np.sort(s[y == 1]))
+    if detail == "scores":
+        return Tally(**counts, **by_class)
+    return Tally(**counts, **by_class, pred=bits(pred), truth=bits(y))
+
+
+def combine(tallies: Sequence[Tally], legacy_rates: bool = False) -> Evaluation:
+    """The `Evaluation` of the union of the shares' images.
+
+    FPR = FP / number of HC, FNR = FN / number of PD; with `legacy_rates` the authors'
+    denominators (FP / number of PD, FN / number of HC). The cross-entropy and the AUROC
+    come from the scores sorted within each class, so the result does not depend on how the
+    images are split into shares or ordered: one machine and the centers get the same bits.
+    """
+    n_hc, n_pd = sum(t.n_hc for t in tallies), sum(t.n_pd for t in tallies)
+    fp, fn = sum(t.fp for t in tallies), sum(t.fn for t in tallies)
+    fp_den, fn_den = (n_pd, n_hc) if legacy_rates else (n_hc, n_pd)
+    loss = auroc = math.nan
+    if all(t.hc_scores is not None for t in tallies):
+        hc = np.sort(np.concatenate([t.hc_scores for t in tallies]).astype(np.float64))
+        pd = np.sort(np.concatenate([t.pd_scores for t in tallies]).astype(np.float64))
+        y = np.concatenate([np.zeros(len(hc), int), np.ones(len(pd), int)])
+        s = np.concatenate([hc, pd])
+        loss, auroc = binary_cross_entropy(y, s), roc_auc(y, s)
+    return Evaluation(acc=(n_hc + n_pd - fp - fn) / (n_hc + n_pd), fp=fp, fn=fn,
+                      fpr=fp / fp_den, fnr=fn / fn_den, loss=loss, auroc=auroc,
+                      pred="".join(t.pred for t in tallies),
+                      truth="".join(t.truth for t in tallies))
+
+
 def evaluate_predictions(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5,
                          legacy_rates: bool = False) -> Evaluation:
-    """Accuracy, false positives/negatives and their rates at `threshold` (score >= t is PD).
-
-    FPR = FP / number of HC, FNR = FN / number of PD. With `legacy_rates` the authors'
-    denominators are used instead (FP / number of PD, FN / number of HC). Also the
-    cross-entropy, the AUROC and the predictions, which the other criteria judge by.
-    """
-    y = np.asarray(y_true).astype(int).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    pred = (s >= threshold).astype(int)
-    fp = int(np.sum((pred == 1) & (y == 0)))
-    fn = int(np.sum((pred == 0) & (y == 1)))
-    n_pd, n_hc = int(np.sum(y == 1)), int(np.sum(y == 0))
-    fp_den, fn_den = (n_pd, n_hc) if legacy_rates else (n_hc, n_pd)
-    return Evaluation(acc=float(np.mean(pred == y)), fp=fp, fn=fn,
-                      fpr=fp / fp_den, fnr=fn / fn_den, loss=binary_cross_entropy(y, s),
-                      auroc=roc_auc(y, s), pred=bits(pred), truth=bits(y))
+    """Accuracy, false positives/negatives and their rates at `threshold` (score >= t is PD),
+    the cross-entropy, the AUROC and the predictions, which the other criteria judge by:
+    the whole validation set as one share (`combine`)."""
+    return combine([tally(y_true, scores, "predictions", threshold)], legacy_rates)
 
 
 def bits(values: np.ndarray) -> str:
@@ -186,11 +241,11 @@ class Criterion:
     harm, one image's does not (BatchNorm over one image), its validation check does.
     """
 
-    name: str = "rates"
-    error: float = 0.02
-    alpha: float = 0.05
-    z: float = 3.0
-    window: int = 50
+    name: str = defaults.CRITERION
+    error: float = defaults.ERROR
+    alpha: float = defaults.ALPHA
+    z: float = defaults.Z
+    window: int = defaults.WINDOW
 
     def params(self) -> dict:
         return {"name": self.name, **{k: getattr(self, k) for k in CRITERIA[self.name]}}
@@ -199,6 +254,12 @@ class Criterion:
         """Whether judging an update of n images needs the validation set: not when its own
         training loss decides (`trainloss`, and `combined`'s batches)."""
         return not (self.name == "trainloss" or (self.name == "combined" and n_images > 1))
+
+    def evaluation_detail(self) -> str:
+        """What each share of the validation set must tell (`Tally`): the paper's rule needs
+        the counts only; McNemar each image's prediction; the others log the cross-entropy
+        and the AUROC, which need the scores."""
+        return {"rates": "counts", "mcnemar": "predictions"}.get(self.name, "scores")
 
     def holds_out_momentum(self, n_images: int) -> bool:
         """Whether the check step is taken without the optimizer's momentum: always under
@@ -301,7 +362,7 @@ class QualityControl:
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
                  restore: Callable[[object], None], *, revisit: int, studies: dict[str, str],
-                 error: float = 0.02, criterion: Criterion | None = None,
+                 error: float = defaults.ERROR, criterion: Criterion | None = None,
                  state: QCState | None = None, on_event: Event | None = None,
                  hold_out_momentum: Callable[[], None] | None = None,
                  train_losses: Sequence[float] = ()):

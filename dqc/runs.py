@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from dqc import defaults
 from dqc import checkpoint, qc_report
 from dqc.data import image_shape, load_table, require_both_classes
 from dqc.errors import DQCError
@@ -37,7 +38,7 @@ class RunSpec:
     prefix: str
     cycles: range
     seed: int
-    batch_size: int = 5
+    batch_size: int = defaults.BATCH_SIZE
     epochs: int = 1
     encoder: str | None = None      # continue from these files (dirty / QC runs)
     classifier: str | None = None
@@ -46,13 +47,13 @@ class RunSpec:
     resume: bool = False
     cache: bool = True
     cache_mb: float | None = None
-    eval_batch_size: int = 16
+    eval_batch_size: int = defaults.EVAL_BATCH_SIZE
     mixed_precision: bool = False
     verbose: bool = True
     echo: Callable[[str], None] = field(default=print)
     naive: bool = False             # benchmark only: the authors' way (see dqc.bench)
     timings: Timings | None = None  # where the time goes, for the benchmark
-    lr_schedule: str = "continue"   # see trainer.cycle_learning_rate
+    lr_schedule: str = defaults.LR_SCHEDULE  # see trainer.cycle_learning_rate
 
     def trainer_options(self) -> dict:
         return {"eval_batch_size": 1 if self.naive else self.eval_batch_size,
@@ -148,14 +149,14 @@ class QCSpec:
     """The QC run's own settings on top of a `RunSpec`."""
 
     val_csv: str
-    error: float = 0.02
-    revisit: int = 2
+    error: float = defaults.ERROR
+    revisit: int = defaults.REVISIT
     name: str = "qc"
     legacy_rates: bool = False
-    criterion: str = "rates"    # see dqc.qc.Criterion
-    alpha: float = 0.05
-    z: float = 3.0
-    window: int = 50
+    criterion: str = defaults.CRITERION  # see dqc.qc.Criterion
+    alpha: float = defaults.ALPHA
+    z: float = defaults.Z
+    window: int = defaults.WINDOW
 
     def rule(self) -> Criterion:
         return Criterion(self.criterion, error=self.error, alpha=self.alpha, z=self.z,
@@ -188,8 +189,25 @@ def validation_evaluator(trainer: Trainer, store: VolumeStore, subjects: Sequenc
     return evaluate
 
 
-def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, train: pd.DataFrame,
-                     val: pd.DataFrame) -> None:
+@dataclass(frozen=True)
+class Validation:
+    """What the QC run knows of its validation set before it starts: its size by class, the
+    ids that are training images too (a warning), and where it is (for messages)."""
+
+    n_hc: int
+    n_pd: int
+    where: str
+    also_training: tuple[str, ...] = ()
+
+    @classmethod
+    def of_table(cls, val: pd.DataFrame, train: pd.DataFrame, where: str) -> "Validation":
+        require_both_classes(val, where)
+        n_pd = int(val.Group_bin.sum())
+        return cls(len(val) - n_pd, n_pd, where,
+                   tuple(sorted(set(train.Subject) & set(val.Subject))))
+
+
+def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, validation: Validation) -> None:
     if qspec.revisit < 1:
         raise DQCError(f"-revisit must be at least 1, got {qspec.revisit}")
     if qspec.error < 0:
@@ -199,16 +217,17 @@ def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, train: pd.DataFrame,
         raise DQCError(f"-cycles {spec.cycles.stop} must be greater than the start cycle "
                        f"{spec.cycles.start}")
     _check_cycles(spec)
-    require_both_classes(val, qspec.val_csv)
-    both = sorted(set(train.Subject) & set(val.Subject))
+    if not (validation.n_hc and validation.n_pd):
+        raise DQCError(f"{validation.where}: {validation.n_hc} HC and {validation.n_pd} PD "
+                       "images; both classes (0 = HC, 1 = PD) are needed")
+    both = validation.also_training
     if both:
         shown = ", ".join(both[:10]) + (f" and {len(both) - 10} more" if len(both) > 10 else "")
         spec.echo(f"warning: {len(both)} image(s) are in both the training and the validation "
                   f"CSV: {shown}")
     if qspec.criterion != "rates":
         return
-    n_pd = int(val.Group_bin.sum())
-    for problem in per_image_tolerance_problems(len(val) - n_pd, n_pd, qspec.error,
+    for problem in per_image_tolerance_problems(validation.n_hc, validation.n_pd, qspec.error,
                                                 qspec.legacy_rates):
         spec.echo(f"warning: validation set too small for -error {qspec.error}: {problem}; "
                   "every single-image check is then zero-tolerance and good images get "
@@ -230,33 +249,46 @@ def _check_criterion(qspec: QCSpec) -> None:
 
 #: Makes "train one step at center X" for the server's trainer (local, or a network round trip).
 StepFactory = Callable[[Trainer], Step]
+#: Makes the check of an update for the server's trainer (local, or the centers' round).
+EvaluatorFactory = Callable[[Trainer], Callable[[Sequence[str]], Evaluation]]
 
 
 def run_quality_control(spec: RunSpec, qspec: QCSpec,
                         evaluate: Callable[[Sequence[str]], Evaluation] | None = None, *,
                         train: pd.DataFrame | None = None,
-                        make_step: StepFactory | None = None) -> QualityControl:
+                        make_step: StepFactory | None = None,
+                        verify: tuple[Validation, EvaluatorFactory] | None = None
+                        ) -> QualityControl:
     """The travelling model with verification, revisit and elimination (ALGORITHM.md).
 
     `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
     Federated runs pass `train` (Subject, Study and optionally Harmful: no image paths) and
-    `make_step`, because the training images stay on the centers' machines; the loop, the
-    policy and the outputs are this same code.
+    `make_step`, because the training images stay on the centers' machines, and, when the
+    centers verify each update on their own validation images, `verify`: what is known of
+    that set and the evaluator of the centers' round; the validation CSV is then not read.
+    The loop, the policy and the outputs are this same code.
     """
     if train is None:
         train = load_table(spec.train_csv, "train")
-    val = load_table(qspec.val_csv, "validation")
-    _check_qc_inputs(spec, qspec, train, val)
+    if verify is None:
+        val = load_table(qspec.val_csv, "validation")
+        validation = Validation.of_table(val, train, qspec.val_csv)
+    else:
+        validation, make_evaluate = verify
+    _check_qc_inputs(spec, qspec, validation)
     trainer, first, meta = _start(spec, train)
     if make_step is None:
         store = _store(spec, trainer, train, "training images")
         step, prefetch = local_step(trainer, store, spec.timings), _prefetch(spec, store)
     else:
         step, prefetch = make_step(trainer), None
-    val_store = _store(spec, trainer, val, "validation images")
-    evaluate = evaluate or validation_evaluator(trainer, val_store, list(val.Subject),
-                                                qspec.legacy_rates, spec.timings,
-                                                on_device=not spec.naive)
+    if verify is not None:
+        evaluate = evaluate or make_evaluate(trainer)
+    elif evaluate is None:
+        val_store = _store(spec, trainer, val, "validation images")
+        evaluate = validation_evaluator(trainer, val_store, list(val.Subject),
+                                        qspec.legacy_rates, spec.timings,
+                                        on_device=not spec.naive)
     resumed = "qc" in meta and first > spec.cycles.start
     clock = spec.timings or Timings()
     policy = QualityControl(step, evaluate, trainer.snapshot, trainer.restore,

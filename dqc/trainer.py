@@ -12,6 +12,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from dqc import defaults
 from dqc.model import stack
 from dqc.timing import Timings
 
@@ -42,7 +43,7 @@ def cycle_learning_rate(cycle: int, first: int, schedule: str = "continue") -> f
 class Trainer:
     """The stacked encoder+classifier with one Adam optimizer and binary cross-entropy."""
 
-    def __init__(self, encoder: keras.Model, classifier: keras.Model, eval_batch_size: int = 16,
+    def __init__(self, encoder: keras.Model, classifier: keras.Model, eval_batch_size: int = defaults.EVAL_BATCH_SIZE,
                  jit_compile: bool | str | None = None, host_snapshots: bool = False):
         self.encoder, self.classifier = encoder, classifier
         self.model = stack(encoder, classifier)
@@ -125,13 +126,22 @@ class Trainer:
         """Host copy of the whole state, in `state_variables` order (what travels to a node)."""
         return [v.numpy() for v in self.state_variables]
 
-    def state_spec(self) -> list[tuple[tuple[int, ...], str]]:
+    def state_spec(self, model_only: bool = False) -> list[tuple[tuple[int, ...], str]]:
         """(shape, dtype) of each `state_arrays` entry."""
-        return [(tuple(v.shape), str(v.dtype)) for v in self.state_variables]
+        return [(tuple(v.shape), str(v.dtype)) for v in self._variables(model_only)]
 
-    def load_state_arrays(self, arrays: Sequence[np.ndarray]) -> None:
-        """Take over a state from `state_arrays` (of a model built the same way)."""
-        variables = self.state_variables
+    def model_arrays(self) -> list[np.ndarray]:
+        """Host copy of what prediction needs (weights and BatchNorm statistics): what a
+        center that verifies an update is sent, a third of `state_arrays` (no Adam state)."""
+        return [v.numpy() for v in self.model.variables]
+
+    def _variables(self, model_only: bool) -> list:
+        return list(self.model.variables) if model_only else self.state_variables
+
+    def load_state_arrays(self, arrays: Sequence[np.ndarray], model_only: bool = False) -> None:
+        """Take over a state from `state_arrays` (or `model_arrays` with `model_only`) of a
+        model built the same way."""
+        variables = self._variables(model_only)
         if len(arrays) != len(variables):
             raise ValueError(f"state holds {len(arrays)} arrays, this model needs {len(variables)}")
         for variable, array in zip(variables, arrays):
@@ -159,9 +169,21 @@ class Trainer:
 
 
 def predict_in_batches(model: keras.Model, x, batch_size: int) -> np.ndarray:
-    """P(PD) for every volume of x (numpy or device tensor), `batch_size` at a time."""
+    """P(PD) for every volume of x (numpy or device tensor), `batch_size` at a time.
+
+    A volume is never predicted alone: TensorFlow's kernels for a batch of one round
+    differently (measured: up to 3e-8), so a last batch of one is predicted twice in a batch
+    of two. Every volume's score then is the same bits whatever the batch it falls in, and
+    a center that predicts its share of the validation set scores it exactly as one machine
+    that predicts the whole set.
+    """
+    def scores(chunk):
+        if len(chunk) == 1:
+            return np.asarray(model.predict_on_batch(keras.ops.concatenate([chunk, chunk])))[:1]
+        return np.asarray(model.predict_on_batch(chunk))
+
     n = len(x)
-    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size])).reshape(-1)
+    return np.concatenate([scores(x[i:i + batch_size]).reshape(-1)
                            for i in range(0, n, batch_size)]) if n else np.zeros(0, np.float32)
 
 

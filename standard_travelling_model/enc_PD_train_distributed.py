@@ -9,6 +9,7 @@ from dqc.cli import quiet_backend
 
 quiet_backend()
 
+from dqc import defaults  # noqa: E402
 from dqc.cli import Parser, add_run_flags, run_main, run_options  # noqa: E402
 from dqc.data import parse_shape  # noqa: E402
 from dqc.errors import DQCError  # noqa: E402
@@ -21,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument("-cycles", type=int, required=True, help="number of cycles; trains cycles "
                    "0..cycles-1, each visiting every center once")
     p.add_argument("-epochs", type=int, default=1, help="local epochs at each center")
-    p.add_argument("-batch_size", type=int, default=5, help="batch size; a center with fewer "
+    p.add_argument("-batch_size", type=int, default=defaults.BATCH_SIZE, help="batch size; a center with fewer "
                    "images uses all of them as one batch")
     p.add_argument("--image-shape", default=None, help="model input XxYxZ, e.g. 40x48x40 "
                    "(default: the size of the first image)")

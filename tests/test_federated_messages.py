@@ -42,8 +42,8 @@ def test_step_messages_round_trip():
     key = digest(buffer)
     got, got_key, ids = read_step_request(step_request(buffer, key, ["s1", "s2"]))
     assert ids == ["s1", "s2"] and got_key == key and np.array_equal(got, buffer)
-    got, got_key, loss, acc = read_step_reply(step_reply(buffer, key, 0.25, 0.8))
-    assert np.array_equal(got, buffer) and got_key == key
+    got, got_key, loss, acc, model_key = read_step_reply(step_reply(buffer, key, 0.25, 0.8, "m"))
+    assert np.array_equal(got, buffer) and got_key == key and model_key == "m"
     assert loss == pytest.approx(0.25) and acc == pytest.approx(0.8)
     # only the ids, a digest and one opaque buffer travel: no path, no image
     content = step_request(buffer, key, ["s1"])
@@ -70,7 +70,8 @@ def test_identity_round_trip_carries_no_paths():
     content = identity_reply(ident)
     assert read_identity(content) == ident
     assert set(content["identity"].keys()) == {"center", "subjects", "n_pd", "n_hc", "shape",
-                                               "harmful"}
+                                               "harmful", "val_hc", "val_pd",
+                                               "val_also_training"}
     assert read_identity(identity_reply(_ident("A", ["a1"]))).harmful is None
 
 
@@ -98,3 +99,21 @@ def test_client_side_modules_import_no_tensorflow():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_verify_messages_carry_a_tally_and_nothing_else():
+    from dqc.federated.messages import (read_verify_reply, read_verify_request,
+                                        verify_reply, verify_request)
+    from dqc.qc import tally
+
+    model = pack(_state())
+    key = digest(model)
+    assert read_verify_request(verify_request(model, key, "counts"))[1:] == (key, "counts")
+    assert read_verify_request(verify_request(None, key, "scores"))[0] is None
+    y, s = np.array([0, 1, 1, 0]), np.array([0.2, 0.9, 0.4, 0.7], np.float32)
+    counts = verify_reply(tally(y, s, "counts"))
+    assert set(counts.keys()) == {"tally"}  # the paper's rule: counts only
+    back = read_verify_reply(counts)
+    assert (back.n_hc, back.n_pd, back.fp, back.fn) == (2, 2, 1, 1) and back.hc_scores is None
+    scores = read_verify_reply(verify_reply(tally(y, s, "scores")))
+    assert list(scores.hc_scores) == pytest.approx([0.2, 0.7]) and scores.pred == ""

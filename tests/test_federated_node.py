@@ -18,7 +18,7 @@ from dqc.federated.simulate import split_by_center
 
 @pytest.fixture(scope="module")
 def node_csvs(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return split_by_center(cohort["train"], tmp_path_factory.mktemp("nodes"))
+    return [train for train, _ in split_by_center(cohort["train"], tmp_path_factory.mktemp("nodes"))]
 
 
 def test_split_gives_one_csv_per_center_in_name_order(cohort: dict, node_csvs: list[Path]):
@@ -70,13 +70,13 @@ def test_node_step_equals_the_local_step_bit_for_bit(node_csvs: list[Path]):
     node = CenterNode(node_csvs[0])
     with pytest.raises(StateMissing):  # a digest alone is refused until the node holds it
         node.train_step(None, digest(pack(start)), ids)
-    state, key, loss, _ = node.train_step(pack(start), digest(pack(start)), ids)
+    state, key, loss, *_ = node.train_step(pack(start), digest(pack(start)), ids)
     remote = unpack(state, spec)
     assert loss == local_loss and key == digest(state)
     assert all(np.array_equal(a, b) for a, b in zip(local, remote))
     assert not all(np.array_equal(a, b) for a, b in zip(start, remote))  # it did train
     # the node holds its last input and output: by digest alone it repeats the same step
-    again, again_key, again_loss, _ = node.train_step(None, digest(pack(start)), ids)
+    again, again_key, again_loss, *_ = node.train_step(None, digest(pack(start)), ids)
     assert again_key == key and again_loss == loss and np.array_equal(again, state)
     assert node.train_step(None, key, ids)[1] != key  # and continues from its output
 
@@ -97,7 +97,7 @@ def test_worker_serves_the_same_answers_over_its_socket(node_csvs: list[Path],
         start, local, spec, local_loss = _local_step(csv, ids)
         with pytest.raises(StateMissing):
             remote.train_step(None, "no such state", ids)
-        state, _, loss, _ = remote.train_step(pack(start), digest(pack(start)), ids)
+        state, _, loss, *_ = remote.train_step(pack(start), digest(pack(start)), ids)
         assert loss == local_loss
         assert all(np.array_equal(a, b) for a, b in zip(local, unpack(state, spec)))
         with pytest.raises(DQCError, match="does not hold subject"):

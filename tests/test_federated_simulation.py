@@ -1,5 +1,7 @@
-"""Federated QC in Flower's Simulation Engine: the same decisions as one machine, and the
-server never opens a training image (one node per center, in Ray worker processes).
+"""Federated QC in Flower's Simulation Engine: the same decisions as one machine, the
+server opens no image at all (every update is verified at the centers, on their own
+validation rows), and a silent node stops the run cleanly (one node per center, in Ray
+worker processes).
 
 The decisions are non-trivial by construction, not by floating-point luck: center C04's labels
 are flipped after pre-training (`federated_case`) and the `trainloss` criterion judges each
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -95,20 +98,108 @@ def test_same_log_decisions_and_models_as_one_machine(single: Path, simulated: d
     assert ((fed.Subject == "batch") & (fed.Study == "C04") & (fed.Ignored == 1)).any()
 
 
-def test_server_never_opens_a_training_image(federated_case: dict, simulated: dict):
-    opened = set(simulated["opened"])
-    training = {str(Path(p).resolve()) for p in federated_case["train"].Path}
-    validation = {str((federated_case["val_dir"] / p).resolve()) for p in federated_case["val"].Path}
-    assert validation <= opened  # the spy works: the server read its own validation images
-    assert not opened & training
-    assert not any(p.endswith((".nii", ".nii.gz")) for p in opened - validation)
+def _images(case: dict) -> tuple[set[str], set[str]]:
+    training = {str(Path(p).resolve()) for p in case["train"].Path}
+    validation = {str((case["val_dir"] / p).resolve()) for p in case["val"].Path}
+    return training, validation
+
+
+def test_server_opens_no_image_at_all(federated_case: dict, simulated: dict):
+    assert not any(p.endswith((".nii", ".nii.gz")) for p in simulated["opened"])
+    # the baseline and the references were verified: by the centers, on their own images
+    log = pd.read_csv(simulated["out"] / "qc.csv")
+    assert log.VAL_LOSS.notna().sum() >= 1 and log.ACC[0] > 0
+
+
+def test_the_spy_sees_a_node_read_its_images_in_process(federated_case: dict, simulated: dict,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """The same spy is not blind: a center's node built in this process is seen reading
+    its training and validation images, and verifying an update reads nothing more."""
+    from dqc.federated.messages import digest, pack
+    from dqc.federated.node import CenterNode, shared_trainer
+
+    nodes = simulated["out"] / "nodes"
+    spy = OpenedFiles(monkeypatch)
+    spy.recording = True
+    node = CenterNode(nodes / "node_1.csv", nodes / "node_1_val.csv")
+    node.ready()
+    spy.recording = False
+    training, validation = _images(federated_case)
+    own_train = {str(Path(p).resolve()) for p in pd.read_csv(nodes / "node_1.csv").Path}
+    own_val = {str(Path(p).resolve()) for p in pd.read_csv(nodes / "node_1_val.csv").Path}
+    assert own_train <= training and own_val <= validation and own_val
+    assert own_train | own_val <= set(spy.paths)
+    model = pack(shared_trainer(node.shape).model_arrays())
+    t = node.verify(model, digest(model), "counts")
+    assert (t.n_hc, t.n_pd) == (node.identity().val_hc, node.identity().val_pd)
+    assert t.hc_scores is None and t.pred == ""  # the paper's rule: counts only travel
 
 
 def test_network_figures_are_written(simulated: dict):
     figures = json.loads((simulated["out"] / "qc_network.json").read_text())
-    assert figures == simulated["figures"]
+    assert figures == simulated["figures"] and figures["verify_at"] == "centers"
     log = pd.read_csv(simulated["out"] / "qc.csv", keep_default_na=False)
     assert figures["updates"] == len(log) - 1  # one remote step per evaluation after baseline
     assert 0 < figures["median_update_s"] <= figures["max_update_s"]
     # the next batch at the same center, or a retry after an undo, sends a digest only
     assert 0 < figures["states_sent"] < figures["updates"]
+    # trainloss: the baseline, then the reference when needed, verified at the 4 centers;
+    # each verification returns counts and scores (a few bytes), never images
+    assert figures["verifications"] >= 1
+    assert all(v["bytes_received"] < 1000 for v in figures["verifications_detail"])
+
+
+# --- a node that stops answering, and --resume ----------------------------------------------
+
+COMBINED = ("--criterion", "combined", "--window", "10")  # single images verified at centers
+SILENT = 1          # partition of center C02, which holds validation rows
+SILENT_AFTER = 16   # messages C02 answers: whoami, baseline, cycle 3 (~10); then it is silent
+
+
+def _stalling_files(nodes_dir: Path, calls: Path):
+    """Each node's CSVs, as in `simulate`; C02's node falls silent after SILENT_AFTER
+    messages (it sleeps past the server's timeout; counted in a file: nodes are processes)."""
+    def files(context):
+        from dqc.federated.node import node_csv
+
+        if int(context.node_config["partition-id"]) == SILENT:
+            with open(calls, "a") as f:
+                f.write(".")
+            if calls.stat().st_size > SILENT_AFTER:
+                time.sleep(20)
+        return node_csv(context, str(nodes_dir))
+    return files
+
+
+def test_a_silent_node_stops_the_run_and_resume_finishes_it(federated_case: dict, capsys,
+                                                            tmp_path: Path):
+    """One line naming the silent center, exit status 2, the last complete cycle's outputs
+    intact; --resume then gives what an uninterrupted run gives: the single-machine
+    script's outputs, every column of the log, with each single image verified at the
+    centers."""
+    import cloudpickle
+
+    from dqc.cli import run_main
+    from dqc.federated.__main__ import parse_args
+    from dqc.federated.simulate import simulate
+
+    out = tmp_path / "out"
+    argv = ["simulate", *federated_case["common"], "-cycles", str(CYCLES), *COMBINED,
+            "--out", str(out), "--node-timeout-s", "15"]
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stall reaches Ray
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run_main(lambda: simulate(parse_args(argv),
+                                      _stalling_files(out / "nodes", tmp_path / "calls")))
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert stopped.value.code == 2 and len(errors) == 1
+    assert "center C02" in errors[0] and "did not answer within 15 s" in errors[0]
+    assert (out / "qc_encoder_003.keras").is_file() and not (out / "qc_encoder_004.keras").exists()
+    assert set(pd.read_csv(out / "qc.csv").Cycle) == {0, 3}  # the log of the last whole cycle
+
+    simulate(parse_args([*argv, "--resume"]))
+    single = federated_case["single"](CYCLES, *COMBINED)
+    log = assert_same_qc_outputs(single, out, last_cycle=CYCLES - 1)
+    assert log.VAL_LOSS.replace("", float("nan")).astype(float).notna().sum() >= 9

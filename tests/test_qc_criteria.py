@@ -269,7 +269,7 @@ def test_flags_reach_the_specs_and_the_federated_config():
     spec2, qspec2 = specs_from_config(config)
     assert qspec2 == qspec and spec2.lr_schedule == "restart"
     # the Flower app's run config lists every QC flag that reaches the server
-    pyproject = tomllib.loads((ROOT / "federated" / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((ROOT / "dqc" / "federated" / "app" / "pyproject.toml").read_text())
     assert set(config) <= set(pyproject["tool"]["flwr"]["app"]["config"])
 
 

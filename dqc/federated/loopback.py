@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dqc.errors import DQCError
-from dqc.federated.server import check_server_inputs, config_from_args, specs_from_config
-from dqc.federated.simulate import split_by_center
+from dqc.federated.server import check_server_inputs, server_config, specs_from_config
+from dqc.federated.simulate import rows_by_center, write_node_csvs
 
-APP_DIR = Path(__file__).resolve().parents[2] / "federated"
+#: The Flower app (its pyproject.toml and two components), installed inside the package.
+APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "loopback"
 
 
@@ -206,13 +207,15 @@ class Federation:
             raise DQCError(f"registering node {name} failed: {_last_line(done)}")
         return private
 
-    def start_worker(self, name: str, csv: Path) -> Path:
-        """The center's long-running trainer (TensorFlow, model, images loaded once)."""
+    def start_worker(self, name: str, csv: Path, val_csv: Path | None = None) -> Path:
+        """The center's long-running trainer and verifier (TensorFlow, model, its training
+        and validation images loaded once)."""
         folder = self.work / "sockets"
         folder.mkdir(mode=0o700, exist_ok=True)
         socket_path = folder / f"{name}.sock"
-        self.processes.start(f"{name}-worker", [sys.executable, "-m", "dqc.federated", "worker",
-                                                "--csv", str(csv), "--socket", str(socket_path)])
+        self.processes.start(f"{name}-worker", [
+            sys.executable, "-m", "dqc.federated", "worker", "--csv", str(csv),
+            "--socket", str(socket_path), *(["--val-csv", str(val_csv)] if val_csv else [])])
         return socket_path
 
     def start_node(self, name: str, key: Path | None, worker: Path) -> subprocess.Popen:
@@ -281,16 +284,18 @@ def deploy(args: argparse.Namespace, timeout: float = 3600.0) -> Path:
     keep = args.work is not None
     work = Path(args.work or tempfile.mkdtemp(prefix="dqc_flower_")).resolve()
     out = Path(args.out).resolve()
-    nodes = split_by_center(args.fn_train, work / "nodes")
+    rows = rows_by_center(args.fn_train, args.fn_test if args.verify_at == "centers" else None)
     processes = Processes(flower_env(work), work / "logs")
-    config = {**config_from_args(args), "out": str(out), "min-nodes": len(nodes)}
+    config = {**server_config(args), "out": str(out), "min-nodes": len(rows)}
     for key in ("fn-test", "en", "pd"):
-        config[key] = str(Path(config[key]).resolve())
-    check_server_inputs(*specs_from_config(config))  # before any process starts
+        if key in config:
+            config[key] = str(Path(config[key]).resolve())
+    check_server_inputs(*specs_from_config(config), args.verify_at)  # before any process starts
+    nodes = write_node_csvs(rows, work / "nodes")
     try:
         fed = start_federation(work, processes, args.port)
         names = [f"node-{i}" for i in range(len(nodes))]
-        workers = [fed.start_worker(name, csv) for name, csv in zip(names, nodes)]
+        workers = [fed.start_worker(name, csv, val) for name, (csv, val) in zip(names, nodes)]
         wait_for_files([Path(f"{w}.key") for w in workers] + workers, 300.0, processes)
         for name, worker in zip(names, workers):
             fed.start_node(name, fed.register(name), worker)

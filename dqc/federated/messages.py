@@ -1,28 +1,34 @@
 """What travels between the server and a center's node, and nothing else.
 
 Server -> node: the model state (weights, BatchNorm statistics, dropout seed state, Adam
-state; `Trainer.state_arrays` order) and the subject ids of one update.
-Node -> server: the updated state and that step's loss and accuracy; to "who are you": the
-center name, its subject ids, label counts, image shape and, for simulated studies only, the
-`Harmful` ground truth used for scoring. Never an image, never an image path.
+state; `Trainer.state_arrays` order) and the subject ids of one update; to verify an update,
+the model alone (weights and BatchNorm statistics, no Adam state) and how much to tell.
+Node -> server: the updated state and that step's loss and accuracy; to "verify": its
+validation images' `Tally` (counts; with criteria other than the paper's rule also its scores
+sorted within each class; for McNemar its 0/1 predictions and labels in its own order); to
+"who are you": the center name, its subject ids, label counts, its validation set's size by
+class, image shape and, for simulated studies only, the `Harmful` ground truth used for
+scoring. Never an image, never an image path, never a validation image's id.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from dqc.errors import DQCError
+from dqc.qc import Tally
 
 if TYPE_CHECKING:
     import pandas as pd
 
 WHOAMI = "query.whoami"   # ClientApp handler @app.query("whoami")
 STEP = "train.step"       # ClientApp handler @app.train("step")
+VERIFY = "query.verify"   # ClientApp handler @app.query("verify")
 REFUSED = 4001            # Error code of a node's refusal (unknown ids, bad state, bad data)
 MISSING = 4002            # Error code: the node does not hold the state named by a digest
 
@@ -73,15 +79,54 @@ def read_step_request(content: RecordDict) -> tuple[np.ndarray | None, str, list
     return state, str(content["batch"]["state"]), list(content["batch"]["ids"])
 
 
-def step_reply(state: np.ndarray, key: str, loss: float, accuracy: float) -> RecordDict:
-    return RecordDict({"state": ArrayRecord([state]), "key": ConfigRecord({"state": key}),
+def step_reply(state: np.ndarray, key: str, loss: float, accuracy: float,
+               model_key: str) -> RecordDict:
+    """The new state and its digest, and the digest of its model part (`Trainer.model_arrays`),
+    which the node keeps for the verification that follows."""
+    return RecordDict({"state": ArrayRecord([state]),
+                       "key": ConfigRecord({"state": key, "model": model_key}),
                        "metrics": MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})})
 
 
-def read_step_reply(content: RecordDict) -> tuple[np.ndarray, str, float, float]:
-    metrics = content["metrics"]
-    return (content["state"].to_numpy_ndarrays()[0], str(content["key"]["state"]),
-            metrics["loss"], metrics["accuracy"])
+def read_step_reply(content: RecordDict) -> tuple[np.ndarray, str, float, float, str]:
+    metrics, keys = content["metrics"], content["key"]
+    return (content["state"].to_numpy_ndarrays()[0], str(keys["state"]),
+            metrics["loss"], metrics["accuracy"], str(keys["model"]))
+
+
+def verify_request(model: np.ndarray | None, key: str, detail: str) -> RecordDict:
+    """Score your validation images with this model (`key` = `digest(model)`; `model` None:
+    the node holds it) and tell `detail` (`dqc.qc.DETAILS`)."""
+    records = {"verify": ConfigRecord({"model": key, "detail": detail})}
+    if model is not None:
+        records["model"] = ArrayRecord([model])
+    return RecordDict(records)
+
+
+def read_verify_request(content: RecordDict) -> tuple[np.ndarray | None, str, str]:
+    model = content["model"].to_numpy_ndarrays()[0] if "model" in content else None
+    return model, str(content["verify"]["model"]), str(content["verify"]["detail"])
+
+
+def verify_reply(t: Tally) -> RecordDict:
+    records = {"tally": ConfigRecord({"n_hc": t.n_hc, "n_pd": t.n_pd, "fp": t.fp, "fn": t.fn,
+                                      "pred": t.pred, "truth": t.truth})}
+    if t.hc_scores is not None:
+        records["scores"] = ArrayRecord([np.asarray(t.hc_scores), np.asarray(t.pd_scores)])
+    return RecordDict(records)
+
+
+def read_verify_reply(content: RecordDict) -> Tally:
+    r = content["tally"]
+    hc, pd_ = content["scores"].to_numpy_ndarrays() if "scores" in content else (None, None)
+    return Tally(int(r["n_hc"]), int(r["n_pd"]), int(r["fp"]), int(r["fn"]), hc, pd_,
+                 str(r["pred"]), str(r["truth"]))
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """The bytes of a message's arrays (states, scores): what dominates its size."""
+    return sum(a.nbytes for record in content.values() if isinstance(record, ArrayRecord)
+               for a in record.to_numpy_ndarrays())
 
 
 @dataclass(frozen=True)
@@ -94,11 +139,16 @@ class Identity:
     n_hc: int
     shape: tuple[int, int, int]
     harmful: list[int] | None = None  # simulated ground truth, only for scoring
+    val_hc: int = 0                   # the node's validation images, by class
+    val_pd: int = 0
+    val_also_training: list[str] = field(default_factory=list)  # training ids among them
 
 
 def identity_reply(identity: Identity) -> RecordDict:
     values = {"center": identity.center, "subjects": list(identity.subjects),
-              "n_pd": identity.n_pd, "n_hc": identity.n_hc, "shape": list(identity.shape)}
+              "n_pd": identity.n_pd, "n_hc": identity.n_hc, "shape": list(identity.shape),
+              "val_hc": identity.val_hc, "val_pd": identity.val_pd,
+              "val_also_training": list(identity.val_also_training)}
     if identity.harmful is not None:
         values["harmful"] = list(identity.harmful)
     return RecordDict({"identity": ConfigRecord(values)})
@@ -108,7 +158,8 @@ def read_identity(content: RecordDict) -> Identity:
     r = content["identity"]
     harmful = list(r["harmful"]) if "harmful" in r else None
     return Identity(str(r["center"]), [str(s) for s in r["subjects"]], int(r["n_pd"]),
-                    int(r["n_hc"]), tuple(int(v) for v in r["shape"]), harmful)
+                    int(r["n_hc"]), tuple(int(v) for v in r["shape"]), harmful,
+                    int(r["val_hc"]), int(r["val_pd"]), [str(s) for s in r["val_also_training"]])
 
 
 def roster_table(identities: Sequence[Identity]) -> "pd.DataFrame":

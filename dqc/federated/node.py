@@ -1,9 +1,10 @@
-"""A center's side of the federation: its images, and one training step on them.
+"""A center's side of the federation: its images, one training step on them, and the
+verification of an update on its own validation images.
 
 The node is a stateless trainer: every step starts from the state the server sends, so the
 server can undo an update by simply not adopting the reply. The images and their paths stay
-here; the node answers only with ids, label counts and model states. It refuses ids it does
-not hold.
+here; the node answers only with ids, label counts, model states and its validation images'
+tally (counts, and what the QC criterion needs). It refuses ids it does not hold.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from flwr.clientapp import ClientApp
 
 from dqc.errors import DQCError
 from dqc.federated.messages import (MISSING, REFUSED, Identity, StateMissing, digest,
-                                    identity_reply, pack, read_step_request, step_reply, unpack)
+                                    identity_reply, pack, read_step_request,
+                                    read_verify_request, step_reply, unpack, verify_reply)
+from dqc.qc import DETAILS, Tally
 
 
 class CenterNode:
-    """One center's training images (from its own CSV) and a trainer over them."""
+    """One center's training images (from its own CSV), its validation images (from its
+    validation CSV, if it holds any) and a trainer over them."""
 
-    def __init__(self, csv_path: str | Path):
+    def __init__(self, csv_path: str | Path, val_csv: str | Path | None = None):
         from dqc.data import image_shape, load_table  # not needed by a worker's ClientApp
 
         self.table = load_table(csv_path, "train")
@@ -36,27 +40,45 @@ class CenterNode:
         self.ids = set(self.table.Subject)
         first = self.table.iloc[0]
         self.shape = image_shape(first.Path, first.Subject)
-        self._store = None
+        self.val = load_table(val_csv, "validation") if val_csv else None
+        if self.val is not None and "Study" in self.val.columns:
+            other = sorted(set(self.val.Study) - {self.center})
+            if other:
+                raise DQCError(f"{val_csv}: validation rows of center {other[0]} at the node "
+                               f"of center {self.center}")
+        self._store = self._val_x = None
         self._held: dict[str, np.ndarray] = {}
+        # "verified" / "produced": (digest, packed model) of the last model verified here and
+        # of the last one trained here, which the next verification names by digest only
+        self._models: dict[str, tuple[str, np.ndarray]] = {}
 
     def identity(self) -> Identity:
-        t = self.table
+        t, v = self.table, self.val
         harmful = [int(h) for h in t.Harmful] if "Harmful" in t.columns else None
         n_pd = int(t.Group_bin.sum())
-        return Identity(self.center, list(t.Subject), n_pd, len(t) - n_pd, self.shape, harmful)
+        val_pd = int(v.Group_bin.sum()) if v is not None else 0
+        return Identity(self.center, list(t.Subject), n_pd, len(t) - n_pd, self.shape, harmful,
+                        val_hc=(len(v) - val_pd) if v is not None else 0, val_pd=val_pd,
+                        val_also_training=sorted(self.ids & set(v.Subject)) if v is not None
+                        else [])
 
-    def _ready(self):
-        """The trainer and image store, built on first use and kept while the process lives."""
+    def ready(self):
+        """The trainer and image store, built on first use and kept while the process lives;
+        the validation images too, on the device, as stored."""
         if self._store is None:
             from dqc.volumes import VolumeStore
 
             self._store = VolumeStore(self.table, self.shape, verbose=False)
+            if self.val is not None:
+                val = VolumeStore(self.val, self.shape, verbose=False)
+                self._val_x = shared_trainer(self.shape).on_device(val.stacked(list(self.val.Subject)))
         return shared_trainer(self.shape), self._store
 
     def train_step(self, state: np.ndarray | None, key: str,
-                   ids: Sequence[str]) -> tuple[np.ndarray, str, float, float]:
+                   ids: Sequence[str]) -> tuple[np.ndarray, str, float, float, str]:
         """One optimizer step on `ids` from the server's packed state (or, when `state` is
-        None, the held state named `key`); the new packed state and its digest.
+        None, the held state named `key`); the new packed state and its digest, the loss
+        and accuracy, and the digest of the new model part (kept for the verification).
 
         The node keeps its last input and output states: a cache that spares sending the
         state back to the node that produced it (the next batch at the same center) or that
@@ -72,26 +94,57 @@ class CenterNode:
             state = self._held.get(key)
             if state is None:
                 raise StateMissing(f"center {self.center} does not hold state {key}")
-        trainer, store = self._ready()
-        try:
-            trainer.load_state_arrays(unpack(state, trainer.state_spec()))
-        except (ValueError, DQCError) as exc:
-            raise DQCError(f"center {self.center}: the server's model does not fit ({exc})") from None
+        trainer, store = self.ready()
+        self._load(trainer, state, model_only=False)
         loss, acc = trainer.train_step(store.batch(ids), store.y(ids))
         out = pack(trainer.state_arrays())
         out_key = digest(out)
         self._held = {key: state, out_key: out}
-        return out, out_key, loss, acc
+        model = pack(trainer.model_arrays())
+        model_key = digest(model)
+        self._models["produced"] = (model_key, model)
+        return out, out_key, loss, acc, model_key
+
+    def _load(self, trainer, arrays: np.ndarray, model_only: bool) -> None:
+        try:
+            trainer.load_state_arrays(unpack(arrays, trainer.state_spec(model_only)), model_only)
+        except (ValueError, DQCError) as exc:
+            raise DQCError(f"center {self.center}: the server's model does not fit ({exc})") from None
+
+    def verify(self, model: np.ndarray | None, key: str, detail: str) -> Tally:
+        """Score this center's validation images with the server's model (`model_arrays`,
+        packed; None: the held model named `key`) and tally them (`dqc.qc.tally`)."""
+        from dqc.qc import tally
+
+        if self.val is None:
+            raise DQCError(f"center {self.center} holds no validation images")
+        if detail not in DETAILS:
+            raise DQCError(f"center {self.center}: unknown detail {detail!r} refused")
+        if model is None:
+            model = next((m for k, m in self._models.values() if k == key), None)
+            if model is None:
+                raise StateMissing(f"center {self.center} does not hold model {key}")
+        trainer, _ = self.ready()
+        self._load(trainer, model, model_only=True)
+        scores = trainer.predict(self._val_x)
+        self._models["verified"] = (key, model)
+        return tally(self.val.Group_bin.to_numpy(), scores, detail)
 
 
-def node_csv(context: Context, nodes_dir: str | None = None) -> str:
-    """The node's CSV: `data-csv` from its node config (deployment), else, in simulation,
-    NODES_DIR/node_<partition-id>.csv."""
+#: A node's data: its training CSV and its validation CSV ("" when it holds none).
+NodeFiles = tuple[str, str]
+
+
+def node_csv(context: Context, nodes_dir: str | None = None) -> NodeFiles:
+    """The node's CSVs: `data-csv` and `val-csv` from its node config (deployment), else, in
+    simulation, NODES_DIR/node_<partition-id>.csv and node_<partition-id>_val.csv."""
     config = context.node_config
     if "data-csv" in config:
-        return str(config["data-csv"])
+        return str(config["data-csv"]), str(config.get("val-csv", ""))
     if nodes_dir and "partition-id" in config:
-        return str(Path(nodes_dir) / f"node_{int(config['partition-id'])}.csv")
+        stem = Path(nodes_dir) / f"node_{int(config['partition-id'])}"
+        val = Path(f"{stem}_val.csv")
+        return f"{stem}.csv", str(val) if val.is_file() else ""
     raise DQCError("this node has no data: start it with --node-config 'data-csv=\"CSV\"'")
 
 
@@ -108,13 +161,13 @@ def shared_trainer(shape: tuple[int, int, int]):
 
 
 @functools.lru_cache(maxsize=64)
-def center_node(csv_path: str) -> CenterNode:
-    """The node of a CSV, built once per process (images read, model compiled).
+def center_node(files: NodeFiles) -> CenterNode:
+    """The node of its CSVs, built once per process (images read, model compiled).
 
     A process-wide cache on purpose: Flower hands a simulation actor a fresh copy of the
     ClientApp with every message, so a cache inside the app would be rebuilt every time.
     """
-    return CenterNode(csv_path)
+    return CenterNode(files[0], files[1] or None)
 
 
 class WorkerNode:
@@ -146,8 +199,11 @@ class WorkerNode:
         return self._call(("whoami",))[0]
 
     def train_step(self, state: np.ndarray | None, key: str,
-                   ids: Sequence[str]) -> tuple[np.ndarray, str, float, float]:
+                   ids: Sequence[str]) -> tuple[np.ndarray, str, float, float, str]:
         return tuple(self._call(("step", state, key, list(ids))))
+
+    def verify(self, model: np.ndarray | None, key: str, detail: str) -> Tally:
+        return self._call(("verify", model, key, detail))[0]
 
 
 def worker_key(socket_path: str | Path) -> bytes:
@@ -156,15 +212,17 @@ def worker_key(socket_path: str | Path) -> bytes:
 
 
 def serve_worker(csv_path: str | Path, socket_path: str | Path,
-                 ready: Callable[[], None] | None = None) -> None:
-    """Serve "who are you" and steps for one center over a local socket, until killed."""
+                 ready: Callable[[], None] | None = None,
+                 val_csv: str | Path | None = None) -> None:
+    """Serve "who are you", steps and verifications for one center over a local socket,
+    until killed."""
     import os
     import secrets
     from multiprocessing import AuthenticationError
     from multiprocessing.connection import Listener
 
-    node = CenterNode(csv_path)
-    node._ready()  # TensorFlow, the model and the images, once
+    node = CenterNode(csv_path, val_csv)
+    node.ready()  # TensorFlow, the model and the images, once
     key_path, secret = Path(f"{socket_path}.key"), secrets.token_bytes(32)
     key_path.touch(mode=0o600)  # private before the secret goes in
     key_path.chmod(0o600)
@@ -183,13 +241,15 @@ def serve_worker(csv_path: str | Path, socket_path: str | Path,
                 try:
                     if request[0] == "whoami":
                         conn.send(("ok", node.identity()))
+                    elif request[0] == "verify":
+                        conn.send(("ok", node.verify(*request[1:])))
                     else:
                         conn.send(("ok", *node.train_step(*request[1:])))
                 except DQCError as exc:
                     conn.send(("missing" if isinstance(exc, StateMissing) else "error", str(exc)))
 
 
-def node_for(context: Context, csv_for: Callable[[Context], str]):
+def node_for(context: Context, csv_for: Callable[[Context], NodeFiles]):
     """The node behind a message: its worker when `worker-socket` is configured, else one
     built in this process."""
     socket_path = context.node_config.get("worker-socket")
@@ -198,8 +258,8 @@ def node_for(context: Context, csv_for: Callable[[Context], str]):
     return center_node(csv_for(context))
 
 
-def client_app(csv_for: Callable[[Context], str] = node_csv) -> ClientApp:
-    """The ClientApp: "who are you" and "train one step on these ids"."""
+def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv) -> ClientApp:
+    """The ClientApp: "who are you", "train one step on these ids" and "verify this model"."""
     app = ClientApp()
 
     def answer(msg: Message, work: Callable[[], object]) -> Message:
@@ -217,6 +277,12 @@ def client_app(csv_for: Callable[[Context], str] = node_csv) -> ClientApp:
     def step(msg: Message, context: Context) -> Message:
         def work():
             return step_reply(*node_for(context, csv_for).train_step(*read_step_request(msg.content)))
+        return answer(msg, work)
+
+    @app.query("verify")
+    def verify(msg: Message, context: Context) -> Message:
+        def work():
+            return verify_reply(node_for(context, csv_for).verify(*read_verify_request(msg.content)))
         return answer(msg, work)
 
     return app

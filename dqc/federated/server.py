@@ -1,9 +1,12 @@
-"""The server's side: the roster of center nodes, the remote training step, the ServerApp.
+"""The server's side: the roster of center nodes, the remote training step, the
+verification at the centers, the ServerApp.
 
-The server runs `dqc.runs.run_quality_control`, the single-machine loop and policy, with two
-things swapped in: the training table comes from the nodes' "who are you" answers (ids and
-centers, no image paths) and a training step is a round trip to the center's node. Undoing
-an update is not adopting it: the server restores its own snapshot, as on one machine.
+The server runs `dqc.runs.run_quality_control`, the single-machine loop and policy, with
+three things swapped in: the training table comes from the nodes' "who are you" answers (ids
+and centers, no image paths), a training step is a round trip to the center's node, and the
+check of an update is a round to every node that holds validation images, whose tallies
+the server adds up (with `--verify-at server` it evaluates a validation set it holds).
+Undoing an update is not adopting it: the server restores its own snapshot, as on one machine.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -22,13 +26,18 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from dqc.errors import DQCError
-from dqc.federated.messages import (MISSING, STEP, WHOAMI, Identity, StateMissing, digest,
-                                    pack, read_identity, read_step_reply, roster_table,
-                                    step_request, unpack)
+from dqc.federated.messages import (MISSING, STEP, VERIFY, WHOAMI, Identity, StateMissing,
+                                    digest, pack, payload_bytes, read_identity,
+                                    read_step_reply, read_verify_reply, roster_table,
+                                    step_request, unpack, verify_request)
+from dqc.qc import Evaluation, combine
 
-#: Run-config keys of the ServerApp beyond the QC flags (see federated/pyproject.toml).
-NETWORK_DEFAULTS = {"min-nodes": 1, "wait-nodes-s": 120.0, "step-timeout-s": 600.0,
-                    "poll-s": 0.005}
+#: Where each update is verified: on the centers' own validation images (the paper's design:
+#: the server holds no image), or on a validation set the server holds.
+VERIFY_AT = ("centers", "server")
+#: Run-config keys of the ServerApp beyond the QC flags (see the Flower app's pyproject.toml).
+NETWORK_DEFAULTS = {"verify-at": "centers", "min-nodes": 1, "wait-nodes-s": 120.0,
+                    "node-timeout-s": 600.0, "poll-s": 0.005}
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -38,13 +47,23 @@ def config_from_args(args: argparse.Namespace) -> dict:
             if k not in skip and v is not None}
 
 
+def server_config(args: argparse.Namespace) -> dict:
+    """The server's run config from the command line: with verification at the centers it
+    does not hold the validation CSV (the nodes do)."""
+    config = config_from_args(args)
+    if config.get("verify-at") == "centers":
+        config.pop("fn-test", None)
+    return config
+
+
 def specs_from_config(config: dict):
     """(`RunSpec`, `QCSpec`) for the server from a run config: the QC script's flags with
     their defaults, overridden by the config's keys (float32, images cached)."""
     from dqc.cli import Parser, add_qc_flags, qc_specs
 
     values = {k.replace("-", "_"): v for k, v in config.items()}
-    missing = [k for k in ("fn_test", "en", "pd", "cycles") if not values.get(k)]
+    needed = ("en", "pd", "cycles") + (("fn_test",) if values.get("verify_at") == "server" else ())
+    missing = [k for k in needed if not values.get(k)]
     if missing:
         raise DQCError("run config lacks " + ", ".join(k.replace("_", "-") for k in missing))
     parser = Parser()
@@ -56,35 +75,69 @@ def specs_from_config(config: dict):
     return qc_specs(args)
 
 
-def check_server_inputs(spec, qspec) -> None:
-    """Fail before any node is contacted when the server's own files are unusable."""
+def check_server_inputs(spec, qspec, verify_at: str = "centers") -> None:
+    """Fail before any node is contacted when the server's own files are unusable. With
+    verification at the centers the server holds no validation CSV; at the server it must."""
     from dqc.data import load_table, require_both_classes
 
-    require_both_classes(load_table(qspec.val_csv, "validation"), qspec.val_csv)
+    if verify_at not in VERIFY_AT:
+        raise DQCError(f"--verify-at must be one of {', '.join(VERIFY_AT)}, got {verify_at!r}")
+    if verify_at == "server":
+        require_both_classes(load_table(qspec.val_csv, "validation"), qspec.val_csv)
     for path, what in ((spec.encoder, "encoder"), (spec.classifier, "classifier")):
         if not Path(path).is_file():
             raise DQCError(f"{path}: {what} model file not found")
 
 
-def exchange(grid: Grid, messages: Sequence[Message], timeout: float,
-             poll: float) -> list[Message]:
-    """Push messages and pull every reply, polling every `poll` s (the stock
-    `send_and_receive` sleeps 3 s between checks). A node's error becomes a DQCError."""
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while pending:
-        for reply in grid.pull_messages(pending):
-            pending.discard(reply.metadata.reply_to_message_id)
-            if reply.has_error():
-                kind = StateMissing if reply.error.code == MISSING else DQCError
-                raise kind(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            replies.append(reply)
-        if pending and time.monotonic() > deadline:
-            raise DQCError(f"{len(pending)} node(s) did not answer within {timeout:.0f} s")
-        if pending:
-            time.sleep(poll)
-    return replies
+@dataclass
+class Fleet:
+    """The center nodes of a run and how to talk to them; what each holds; what it cost."""
+
+    grid: Grid
+    nodes: dict[str, int]           # center -> node id
+    timeout: float
+    poll: float
+    held: dict[str, set[str]] = field(default_factory=dict)  # center -> full states it holds
+    verified: str | None = None  # the model every verifying node holds: the last verified
+    produced: dict[str, str] = field(default_factory=dict)  # center -> last model it trained
+    costs: list[dict] = field(default_factory=list)  # one record per step and verification
+
+    def exchange(self, messages: Sequence[Message]) -> list[Message]:
+        """Push messages and pull every reply, polling every `poll` s (the stock
+        `send_and_receive` sleeps 3 s between checks). A node's error, or silence past the
+        timeout, becomes a DQCError that names its center; never a partial answer."""
+        names = {node: center for center, node in self.nodes.items()}
+        pending = dict(zip(self.grid.push_messages(messages), (m.metadata.dst_node_id
+                                                                for m in messages)))
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.timeout
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                pending.pop(reply.metadata.reply_to_message_id, None)
+                if reply.has_error():
+                    kind = StateMissing if reply.error.code == MISSING else DQCError
+                    raise kind(f"{self._name(reply.metadata.src_node_id, names)}: "
+                               f"{reply.error.reason}")
+                replies.append(reply)
+            if pending and time.monotonic() > deadline:
+                silent = sorted(self._name(n, names) for n in pending.values())
+                raise DQCError(f"{silent[0]} did not answer within {self.timeout:g} s"
+                               + (f" (nor {', '.join(silent[1:])})" if len(silent) > 1 else "")
+                               + "; rerun with --resume to continue after the last complete cycle")
+            if pending:
+                time.sleep(self.poll)
+        return replies
+
+    @staticmethod
+    def _name(node: int, names: dict[int, str]) -> str:
+        center = names.get(node)
+        return f"center {center} (node {node})" if center and center != str(node) else f"node {node}"
+
+    def record(self, kind: str, start: float, sent: Sequence[Message],
+               received: Sequence[Message]) -> None:
+        self.costs.append({"kind": kind, "seconds": time.perf_counter() - start,
+                           "bytes_sent": sum(payload_bytes(m.content) for m in sent),
+                           "bytes_received": sum(payload_bytes(m.content) for m in received)})
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -97,14 +150,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def roster(grid: Grid, node_ids: Sequence[int], timeout: float,
-           poll: float) -> tuple[pd.DataFrame, dict[str, int], list[Identity]]:
-    """Ask every node who it is: the training table, center -> node id, the identities."""
-    asks = [Message(RecordDict(), node, WHOAMI) for node in node_ids]
-    replies = exchange(grid, asks, timeout, poll)
+           poll: float) -> tuple[pd.DataFrame, Fleet, list[Identity]]:
+    """Ask every node who it is: the training table, the fleet, the identities."""
+    fleet = Fleet(grid, {str(n): n for n in node_ids}, timeout, poll)
+    replies = fleet.exchange([Message(RecordDict(), node, WHOAMI) for node in node_ids])
     identities = [read_identity(r.content) for r in replies]
     table = roster_table(identities)
-    nodes = {i.center: r.metadata.src_node_id for i, r in zip(identities, replies)}
-    return table, nodes, identities
+    fleet.nodes = {i.center: r.metadata.src_node_id for i, r in zip(identities, replies)}
+    return table, fleet, identities
 
 
 class RemoteStep:
@@ -115,32 +168,67 @@ class RemoteStep:
     its digest travels. A node that lost it answers so, and gets the whole state.
     """
 
-    def __init__(self, grid: Grid, nodes: dict[str, int], trainer, timeout: float,
-                 poll: float):
-        self.grid, self.nodes, self.trainer = grid, nodes, trainer
-        self.timeout, self.poll = timeout, poll
-        self.held: dict[str, set[str]] = {}  # center -> digests of the states its node holds
-        self.seconds: list[float] = []  # per update: serialise, round trip, adopt
+    def __init__(self, fleet: Fleet, trainer):
+        self.fleet, self.trainer = fleet, trainer
         self.states_sent = 0
 
     def _send(self, center: str, state: np.ndarray | None, key: str, ids: list[str]):
-        msg = Message(step_request(state, key, ids), self.nodes[center], STEP, group_id=center)
+        msg = Message(step_request(state, key, ids), self.fleet.nodes[center], STEP,
+                      group_id=center)
         self.states_sent += state is not None
-        return read_step_reply(exchange(self.grid, [msg], self.timeout, self.poll)[0].content)
+        reply = self.fleet.exchange([msg])
+        return msg, reply
 
     def __call__(self, center: str, ids: list[str]) -> tuple[float, float]:
         start = time.perf_counter()
         state = pack(self.trainer.state_arrays())
         key = digest(state)
         try:
-            held = key in self.held.get(center, set())
-            out, out_key, loss, acc = self._send(center, None if held else state, key, ids)
+            held = key in self.fleet.held.get(center, set())
+            msg, reply = self._send(center, None if held else state, key, ids)
         except StateMissing:
-            out, out_key, loss, acc = self._send(center, state, key, ids)
+            msg, reply = self._send(center, state, key, ids)
+        out, out_key, loss, acc, model_key = read_step_reply(reply[0].content)
         self.trainer.load_state_arrays(unpack(out, self.trainer.state_spec()))
-        self.held[center] = {key, out_key}
-        self.seconds.append(time.perf_counter() - start)
+        self.fleet.held[center] = {key, out_key}
+        self.fleet.produced[center] = model_key
+        self.fleet.record("step", start, [msg], reply)
         return loss, acc
+
+
+class RemoteVerify:
+    """The check of an update at the centers: every node that holds validation images
+    scores them with the server's model and answers with its tally; the server adds the
+    tallies up (`dqc.qc.combine`) in center order. The model travels only to nodes that do
+    not hold it (the node that just trained it, or one that verified it already, gets its
+    digest)."""
+
+    def __init__(self, fleet: Fleet, trainer, centers: Sequence[str], detail: str,
+                 legacy_rates: bool):
+        self.fleet, self.trainer = fleet, trainer
+        self.centers, self.detail, self.legacy_rates = sorted(centers), detail, legacy_rates
+
+    def _round(self, model: np.ndarray, key: str, force: bool) -> tuple[list, list]:
+        fleet = self.fleet
+
+        def holds(center: str) -> bool:
+            return not force and key in (fleet.verified, fleet.produced.get(center))
+        sent = [Message(verify_request(None if holds(c) else model, key, self.detail),
+                        fleet.nodes[c], VERIFY, group_id=c) for c in self.centers]
+        return sent, fleet.exchange(sent)
+
+    def __call__(self, update_ids: Sequence[str]) -> Evaluation:
+        start = time.perf_counter()
+        model = pack(self.trainer.model_arrays())
+        key = digest(model)
+        try:
+            sent, replies = self._round(model, key, force=False)
+        except StateMissing:  # a node lost what the server thought it held: send to all
+            sent, replies = self._round(model, key, force=True)
+        by_node = {r.metadata.src_node_id: read_verify_reply(r.content) for r in replies}
+        self.fleet.verified = key
+        self.fleet.record("verify", start, sent, replies)
+        return combine([by_node[self.fleet.nodes[c]] for c in self.centers], self.legacy_rates)
 
 
 def _check_shapes(identities: Sequence[Identity], trainer) -> None:
@@ -156,36 +244,78 @@ def _check_shapes(identities: Sequence[Identity], trainer) -> None:
             raise DQCError(f"center {ident.center}: images are {ident.shape}, the model takes {want}")
 
 
+def centers_validation(identities: Sequence[Identity]):
+    """What the server knows of the validation set held at the centers: sizes by class."""
+    from dqc.runs import Validation
+
+    holders = [i for i in identities if i.val_hc + i.val_pd]
+    if not holders:
+        raise DQCError("no center node holds validation images: give each node its validation "
+                       "CSV (deploy: -fn_test rows by Study) or use --verify-at server")
+    where = "the centers' validation images (" + ", ".join(
+        f"{i.center} {i.val_hc} HC/{i.val_pd} PD" for i in holders) + ")"
+    also = tuple(sorted(s for i in holders for s in i.val_also_training))
+    return Validation(sum(i.val_hc for i in holders), sum(i.val_pd for i in holders), where,
+                      also), [i.center for i in holders]
+
+
+def network_figures(fleet: Fleet, states_sent: int) -> dict:
+    """Per update: the training round trip, the verification round that follows it, total."""
+    steps = [c for c in fleet.costs if c["kind"] == "step"]
+    checks = [c for c in fleet.costs if c["kind"] == "verify"]
+
+    def median(records: list[dict], key: str):
+        return statistics.median(r[key] for r in records) if records else None
+
+    seconds = [c["seconds"] for c in steps]
+    return {"updates": len(steps), "states_sent": states_sent, "verifications": len(checks),
+            "median_update_s": median(steps, "seconds"),
+            "mean_update_s": float(np.mean(seconds)) if seconds else None,
+            "max_update_s": max(seconds) if seconds else None,
+            "median_step_bytes": median(steps, "bytes_sent"),
+            "median_verify_s": median(checks, "seconds"),
+            "median_verify_bytes_sent": median(checks, "bytes_sent"),
+            "median_verify_bytes_received": median(checks, "bytes_received"),
+            "median_total_s": (median(steps, "seconds") or 0) + (median(checks, "seconds") or 0),
+            "verifications_detail": [{k: c[k] for k in ("seconds", "bytes_sent", "bytes_received")}
+                                     for c in checks]}
+
+
 def serve(grid: Grid, config: dict) -> dict:
     """Run quality control with the nodes of `grid`; returns the network figures."""
     from dqc.checkpoint import write_text
     from dqc.runs import run_quality_control
 
     config = {**NETWORK_DEFAULTS, **config}
+    verify_at = str(config["verify-at"])
     spec, qspec = specs_from_config(config)
-    check_server_inputs(spec, qspec)
-    poll, timeout = float(config["poll-s"]), float(config["step-timeout-s"])
+    check_server_inputs(spec, qspec, verify_at)
+    poll, timeout = float(config["poll-s"]), float(config["node-timeout-s"])
     node_ids = wait_for_nodes(grid, int(config["min-nodes"]), float(config["wait-nodes-s"]))
-    table, nodes, identities = roster(grid, node_ids, timeout, poll)
-    spec.echo(f"{len(nodes)} center nodes: " + ", ".join(
-        f"{i.center} ({len(i.subjects)} images, {i.n_pd} PD)" for i in
-        sorted(identities, key=lambda i: i.center)))
+    table, fleet, identities = roster(grid, node_ids, timeout, poll)
+    spec.echo(f"{len(fleet.nodes)} center nodes: " + ", ".join(
+        f"{i.center} ({len(i.subjects)} images, {i.n_pd} PD"
+        + (f"; validation {i.val_hc + i.val_pd}" if i.val_hc + i.val_pd else "") + ")"
+        for i in sorted(identities, key=lambda i: i.center)))
     steps: list[RemoteStep] = []
 
     def make_step(trainer) -> RemoteStep:
         _check_shapes(identities, trainer)
-        steps.append(RemoteStep(grid, nodes, trainer, timeout, poll))
+        steps.append(RemoteStep(fleet, trainer))
         return steps[-1]
 
-    run_quality_control(spec, qspec, train=table, make_step=make_step)
-    seconds = steps[0].seconds
-    figures = {"updates": len(seconds), "states_sent": steps[0].states_sent,
-               "median_update_s": statistics.median(seconds) if seconds else None,
-               "mean_update_s": float(np.mean(seconds)) if seconds else None,
-               "max_update_s": max(seconds) if seconds else None}
+    verify = None
+    if verify_at == "centers":
+        validation, holders = centers_validation(identities)
+        verify = (validation, lambda trainer: RemoteVerify(
+            fleet, trainer, holders, qspec.rule().evaluation_detail(), qspec.legacy_rates))
+    run_quality_control(spec, qspec, train=table, make_step=make_step, verify=verify)
+    figures = {"verify_at": verify_at, **network_figures(fleet, steps[0].states_sent)}
     write_text(Path(spec.out) / f"{qspec.name}_network.json", json.dumps(figures, indent=2))
     spec.echo(f"{figures['updates']} remote updates, median {figures['median_update_s'] or 0:.3f} s"
-              f" per update (state, ids, round trip, adopt)")
+              f" per training round trip"
+              + (f", {figures['median_verify_s']:.3f} s per verification at the centers"
+                 if figures["verifications"] else ""))
     return figures
 
 
