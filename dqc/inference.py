@@ -166,11 +166,10 @@ def find_cycle_models(en: str | Path, pd: str | Path, prefix: str | None = None,
 def _load_stacked(encoder_path: Path, classifier_path: Path
                   ) -> tuple[keras.Model, tuple[int, int, int]]:
     """The image -> P(PD) model of one cycle, and the (x, y, z) shape it takes."""
-    from dqc.checkpoint import load_model_file
+    from dqc.checkpoint import load_models
     from dqc.model import input_shape, stack
 
-    encoder = load_model_file(encoder_path, "encoder")
-    classifier = load_model_file(classifier_path, "classifier")
+    encoder, classifier, _ = load_models(encoder_path, classifier_path)
     try:
         return stack(encoder, classifier), input_shape(encoder)
     except ValueError as exc:  # e.g. feature count mismatch
