@@ -362,6 +362,11 @@ def classifier_config(features: int) -> dict:
                          use_bias=True)]}}
 
 
+def _names(names: list[str]) -> np.ndarray:
+    """A name list as Keras 2 stores it in an attribute: fixed-length bytes."""
+    return np.array([n.encode("utf8") for n in names])
+
+
 def _write_h5(path: Path, config: dict, weights: dict[str, dict[str, np.ndarray]],
               optimizer: list[tuple[str, np.ndarray]], learning_rate: float) -> None:
     """A Keras 2 `model.save('x.h5')` file: model_config, model_weights, optimizer_weights."""
@@ -379,18 +384,18 @@ def _write_h5(path: Path, config: dict, weights: dict[str, dict[str, np.ndarray]
                     "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-07, "amsgrad": False}}})
             group = f.create_group("model_weights")
             layers = [c["name"] for c in config["config"]["layers"]]
-            group.attrs["layer_names"] = [n.encode() for n in layers]
+            group.attrs["layer_names"] = _names(layers)
             group.attrs["keras_version"] = KERAS2_VERSION
             group.attrs["backend"] = "tensorflow"
             for layer in layers:
                 names = [f"{layer}/{w}:0" for w in weights.get(layer, {})]
                 sub = group.create_group(layer)
-                sub.attrs["weight_names"] = [n.encode() for n in names]
+                sub.attrs["weight_names"] = _names(names)
                 for name, array in zip(names, weights.get(layer, {}).values()):
                     sub.create_dataset(name, data=array)
             if optimizer:
                 opt = f.create_group("optimizer_weights")
-                opt.attrs["weight_names"] = [n.encode() for n, _ in optimizer]
+                opt.attrs["weight_names"] = _names([n for n, _ in optimizer])
                 for name, array in optimizer:
                     opt.create_dataset(name, data=array)
     atomic_write(path, write)

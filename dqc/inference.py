@@ -45,6 +45,8 @@ SHOWN_METRICS: tuple[tuple[str, str], ...] = (
 CycleModels = tuple[int | None, Path, Path]
 
 _MODEL_NAME = re.compile(r"(?P<prefix>.+)_(?P<part>encoder|classifier)_(?P<cycle>\d+)")
+#: The authors' names: encoder_distributed_BS5_09.h5, classifier_PD_distributed_BS5_09.h5.
+_AUTHORS_NAME = re.compile(r"(?P<part>encoder|classifier)(_PD)?_(?P<prefix>.+)_(?P<cycle>\d+)")
 
 
 # --- finding the models ----------------------------------------------------------------------
@@ -71,8 +73,10 @@ def format_cycles(cycles: range) -> str:
 
 
 def _model_name(path: Path, part: str) -> tuple[str, int] | None:
-    """(prefix, cycle) when `path` is named PREFIX_<part>_CCC.keras/.h5, else None."""
-    match = _MODEL_NAME.fullmatch(path.stem)
+    """(prefix, cycle) when `path` is named PREFIX_<part>_CCC.keras/.h5 (or, for .h5, as the
+    authors' script names it: encoder_PREFIX_CC.h5, classifier_PD_PREFIX_CC.h5), else None."""
+    match = _MODEL_NAME.fullmatch(path.stem) or \
+        (_AUTHORS_NAME.fullmatch(path.stem) if path.suffix == ".h5" else None)
     if path.suffix not in MODEL_SUFFIXES or not match or match["part"] != part:
         return None
     return match["prefix"], int(match["cycle"])
