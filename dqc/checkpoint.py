@@ -19,6 +19,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from dqc import authors
 from dqc.errors import DQCError
 from dqc.model import in_current_precision
 from dqc.trainer import Trainer
@@ -96,19 +97,57 @@ def load_model_file(path: str | Path, what: str) -> keras.Model:
         raise DQCError(f"{path}: cannot load {what} model ({reason})") from None
 
 
+#: What a model file of ours looks like, for the error when a file is neither ours nor theirs.
+OURS = {"encoder": "our encoder (one input; layers conv0..conv4, bn0..bn4, conv_out, flatten)",
+        "classifier": "our classifier (one input; a Dense layer pd)"}
+OUR_LAYERS = {"encoder": ("conv0", "conv_out", "flatten"), "classifier": ("pd",)}
+
+
+def _check_ours(model: keras.Model, path: Path, what: str) -> None:
+    """A one-line error unless `model` has one input, one output and our layer names."""
+    names = [layer.name for layer in model.layers]
+    if len(model.inputs) == 1 and len(model.outputs) == 1 \
+            and all(n in names for n in OUR_LAYERS[what]):
+        return
+    raise DQCError(f"{path}: not a model this program reads: expected {OURS[what]} or, in "
+                   f"an .h5 file, {authors.EXPECTED}; found {len(model.inputs)} input(s), "
+                   f"layers {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+
+
+def load_models(encoder_path: str | Path, classifier_path: str | Path
+                ) -> tuple[keras.Model, keras.Model, authors.AuthorsPair | None]:
+    """(encoder, classifier) of ours, converted when the files are the authors' `.h5` pair.
+
+    The third item is their checked pair (for its optimizer state and learning rate), or
+    None for our own files.
+    """
+    if authors.is_authors_file(encoder_path):
+        pair = authors.read_pair(encoder_path, classifier_path)
+        return (*authors.build_ours(pair), pair)
+    encoder = load_model_file(encoder_path, "encoder")
+    classifier = load_model_file(classifier_path, "classifier")
+    _check_ours(encoder, Path(encoder_path), "encoder")
+    _check_ours(classifier, Path(classifier_path), "classifier")
+    features, wanted = encoder.outputs[0].shape[-1], classifier.inputs[0].shape[-1]
+    if int(features) != int(wanted):
+        raise DQCError(f"{classifier_path}: classifier takes {wanted} features but the "
+                       f"encoder gives {features}")
+    return encoder, classifier, None
+
+
 def load_trainer(encoder_path: str | Path, classifier_path: str | Path,
                  **trainer_kwargs) -> tuple[Trainer, dict[str, Any]]:
     """A Trainer from saved files, with the optimizer state when its state file exists.
 
     Returns the trainer and the state's `meta` record ({} when there is no state file:
-    then a fresh optimizer is used, with a warning).
+    then a fresh optimizer is used, with a warning). The authors' `.h5` pair carries its
+    own Adam state; one printed line says what was taken over.
     """
-    encoder = load_model_file(encoder_path, "encoder")
-    classifier = load_model_file(classifier_path, "classifier")
-    if int(encoder.output.shape[-1]) != int(classifier.input.shape[-1]):
-        raise DQCError(f"{classifier_path}: classifier takes {classifier.input.shape[-1]} "
-                       f"features but the encoder gives {encoder.output.shape[-1]}")
+    encoder, classifier, pair = load_models(encoder_path, classifier_path)
     trainer = Trainer(*in_current_precision(encoder, classifier), **trainer_kwargs)
+    if pair is not None:
+        print(authors.load_line(pair, authors.load_optimizer(pair, trainer.optimizer)))
+        return trainer, {}
     state = state_path_for(classifier_path)
     if not state.is_file():
         warnings.warn(f"{state} not found: continuing with a fresh optimizer state")

@@ -46,6 +46,8 @@ SHOWN_METRICS: tuple[tuple[str, str], ...] = (
 CycleModels = tuple[int | None, Path, Path]
 
 _MODEL_NAME = re.compile(r"(?P<prefix>.+)_(?P<part>encoder|classifier)_(?P<cycle>\d+)")
+#: The authors' names: encoder_distributed_BS5_09.h5, classifier_PD_distributed_BS5_09.h5.
+_AUTHORS_NAME = re.compile(r"(?P<part>encoder|classifier)(_PD)?_(?P<prefix>.+)_(?P<cycle>\d+)")
 
 
 # --- finding the models ----------------------------------------------------------------------
@@ -72,8 +74,10 @@ def format_cycles(cycles: range) -> str:
 
 
 def _model_name(path: Path, part: str) -> tuple[str, int] | None:
-    """(prefix, cycle) when `path` is named PREFIX_<part>_CCC.keras/.h5, else None."""
-    match = _MODEL_NAME.fullmatch(path.stem)
+    """(prefix, cycle) when `path` is named PREFIX_<part>_CCC.keras/.h5 (or, for .h5, as the
+    authors' script names it: encoder_PREFIX_CC.h5, classifier_PD_PREFIX_CC.h5), else None."""
+    match = _MODEL_NAME.fullmatch(path.stem) or \
+        (_AUTHORS_NAME.fullmatch(path.stem) if path.suffix == ".h5" else None)
     if path.suffix not in MODEL_SUFFIXES or not match or match["part"] != part:
         return None
     return match["prefix"], int(match["cycle"])
@@ -167,11 +171,10 @@ def find_cycle_models(en: str | Path, pd: str | Path, prefix: str | None = None,
 def _load_stacked(encoder_path: Path, classifier_path: Path
                   ) -> tuple[keras.Model, tuple[int, int, int]]:
     """The image -> P(PD) model of one cycle, and the (x, y, z) shape it takes."""
-    from dqc.checkpoint import load_model_file
+    from dqc.checkpoint import load_models
     from dqc.model import input_shape, stack
 
-    encoder = load_model_file(encoder_path, "encoder")
-    classifier = load_model_file(classifier_path, "classifier")
+    encoder, classifier, _ = load_models(encoder_path, classifier_path)
     try:
         return stack(encoder, classifier), input_shape(encoder)
     except ValueError as exc:  # e.g. feature count mismatch

@@ -112,13 +112,13 @@ def build_models(shape: tuple[int, int, int] = DEFAULT_SHAPE,
 
 def stack(encoder: keras.Model, classifier: keras.Model) -> keras.Model:
     """The end-to-end model image -> P(PD) that shares its layers with both parts."""
-    inputs = keras.Input(encoder.input.shape[1:], name="image")
+    inputs = keras.Input(encoder.inputs[0].shape[1:], name="image")
     return keras.Model(inputs, classifier(encoder(inputs)), name="sfcn")
 
 
 def input_shape(encoder: keras.Model) -> tuple[int, int, int]:
     """The (x, y, z) volume shape an encoder takes."""
-    return tuple(int(s) for s in encoder.input.shape[1:4])  # type: ignore[return-value]
+    return tuple(int(s) for s in encoder.inputs[0].shape[1:4])  # type: ignore[return-value]
 
 
 def architecture(encoder: keras.Model) -> Architecture:
