@@ -280,16 +280,42 @@ def _gunzipped_size(path: str | Path) -> int | None:
     return size
 
 
-def _check_finite(image: sitk.Image, who: str) -> None:
-    """Refuse NaN and infinite voxels: one reaching a training step poisons every later model."""
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(array.dtype, np.floating):
+def _check_finite(values: np.ndarray, size: tuple[int, ...], who: str) -> None:
+    """Refuse NaN and infinite voxels: one reaching a training step poisons every later model.
+    `values` in file order (x fastest), `size` the (x, y, z) size."""
+    if not np.issubdtype(values.dtype, np.floating):
         return
-    finite = np.isfinite(array)
+    finite = np.isfinite(values)
     if not finite.all():
-        z, y, x = (int(i[0]) for i in np.nonzero(~finite))
+        first = int(np.flatnonzero(~finite.ravel())[0])
+        x, y, z = (int(i) for i in np.unravel_index(first, size[:3], order="F"))
         raise DQCError(f"{who}: {int(finite.size - finite.sum())} voxel(s) are NaN or infinite "
                        f"(first at x={x}, y={y}, z={z})")
+
+
+#: NIfTI float datatypes (header `datatype`) and their numpy types.
+_NIFTI_FLOATS = {"16": "f4", "64": "f8"}
+
+
+def _check_nifti_finite(reader: sitk.ImageFileReader, path: str | Path, who: str,
+                        shape: tuple[int, ...]) -> None:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0 without a word: look at the
+    stored values of a float NIfTI file (8-bit and integer files cannot hold them)."""
+    kind, offset = _meta(reader, "datatype"), _meta(reader, "vox_offset")
+    if kind not in _NIFTI_FLOATS or offset is None:
+        return
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error):
+        raise DQCError(f"{who}: truncated or corrupt gzip stream") from None
+    order = "<" if int.from_bytes(raw[:4], "little") in (348, 540) else ">"
+    start = int(float(offset))
+    size = (len(raw) - start) // int(_NIFTI_FLOATS[kind][1]) if len(raw) > start else 0
+    voxels = min(int(np.prod(shape)), size)
+    _check_finite(np.frombuffer(raw, order + _NIFTI_FLOATS[kind], count=voxels, offset=start),
+                  shape, who)
 
 
 def read_image(path: str | Path, subject: object = None,
@@ -303,7 +329,7 @@ def read_image(path: str | Path, subject: object = None,
     """
     who = image_label(path, subject, source)
     reader = _header(path, who)
-    _check_header(reader, path, who, shape)
+    size = _check_header(reader, path, who, shape)
     try:
         with _itk_warnings_off():
             image = reader.Execute()
@@ -311,7 +337,8 @@ def read_image(path: str | Path, subject: object = None,
         raise DQCError(f"{who}: cannot read image ({_reason(exc, 'unreadable')})") from None
     if image.GetDimension() == 4:
         image = image[:, :, :, 0]
-    _check_finite(image, who)
+    _check_finite(sitk.GetArrayViewFromImage(image).ravel(), size, who)
+    _check_nifti_finite(reader, path, who, size)
     return image
 
 
