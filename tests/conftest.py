@@ -189,7 +189,8 @@ IMAGE_DEFECTS: dict[str, tuple[bool, str]] = {
     "wild_range": (True, ""),
     "nan": (False, r"1 voxel\(s\) are NaN or infinite \(first at x=3, y=4, z=5\)"),
     "inf": (False, r"1 voxel\(s\) are NaN or infinite \(first at x=3, y=4, z=5\)"),
-    "short_data": (False, r"holds \\d+ bytes of header and voxels, its header describes \d+ \(truncated file\?\)"),
+    "short_data": (False, r"holds \d+ bytes of header and voxels, its header describes \d+ "
+                   r"\(truncated file\?\)"),
     "zero_axis": (False, r"image size 20x24x1 has an axis of fewer than 2 voxels"),
     "negative_spacing": (True, r"non-positive voxel spacing"),
     "truncated_gzip": (False, r"truncated or corrupt gzip stream"),
