@@ -43,18 +43,26 @@ def state_path_for(classifier_path: str | Path) -> Path:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place.
+
+    A failed write (a full disk, a folder that is a file) leaves the old `path` as it was and
+    no temporary file behind, and is raised as a one-line `DQCError` naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes) or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.",
+                                   suffix="".join(path.suffixes) or ".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        raise DQCError(f"{path}: cannot write ({exc.strerror or exc}); the previous version, "
+                       "if any, is kept") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

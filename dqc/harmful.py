@@ -22,7 +22,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from dqc.data import array_to_image, image_to_array, load_table, read_image
+from dqc.data import array_to_image, check_images, image_to_array, load_table, read_image
 from dqc.errors import DQCError
 from dqc.progress import progress
 
@@ -280,11 +280,7 @@ def make_harmful(in_path: str | Path, out_path: str | Path, kind: str, seed: int
                  subject: object = None) -> Path:
     """Read one volume, apply harmful type `kind` with `np.random.default_rng(seed)`, write it."""
     (kind,) = check_types([kind])
-    image = read_image(in_path, subject)
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise DQCError(f"{in_path}: expected a 3D single-channel image, got "
-                       f"{image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} "
-                       "component(s)")
+    image = read_image(in_path, subject)  # the data layer's check (3D, scalar, finite)
     out = HARMFUL_TYPES[kind](image, np.random.default_rng(seed))
     return write_image_atomic(out, out_path)
 
@@ -369,6 +365,7 @@ def build_scenario(train_csv: str | Path, out_dir: str | Path, *, whole_centers:
     out_csv = out_dir / "train.csv"
     if out_csv.exists() and out_csv.samefile(train_csv):
         raise DQCError(f"{out_csv}: the output would overwrite the input CSV; choose another --out")
+    check_images(table, desc="input images", verbose=verbose)
 
     rng = np.random.default_rng(seed)
     all_centers = list(dict.fromkeys(table.Study))

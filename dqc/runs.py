@@ -18,7 +18,7 @@ import pandas as pd
 
 from dqc import defaults
 from dqc import checkpoint, qc_report
-from dqc.data import image_shape, load_table, require_both_classes
+from dqc.data import image_shape, load_table, require_both_classes, row_source
 from dqc.errors import DQCError
 from dqc.model import Architecture, build_models, input_shape
 from dqc.qc import (CRITERIA, MIN_WINDOW, Criterion, Evaluation, QCState, QualityControl,
@@ -95,7 +95,7 @@ def _start(spec: RunSpec, table: pd.DataFrame) -> tuple[Trainer, int, dict]:
     shape = spec.image_shape
     if shape is None:
         first = table.iloc[0]
-        shape = image_shape(first.Path, first.Subject)
+        shape = image_shape(first.Path, first.Subject, row_source(table, table.index[0]))
     encoder, classifier = build_models(shape, spec.arch)
     return Trainer(encoder, classifier, **spec.trainer_options()), spec.cycles.start, {}
 

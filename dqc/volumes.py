@@ -12,10 +12,8 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
 
-from dqc.data import check_shape, image_shape, image_to_array, read_image, read_volume
-from dqc.progress import progress
+from dqc.data import checked_images, native_array, read_volume, row_source
 
 
 class VolumeStore:
@@ -29,6 +27,7 @@ class VolumeStore:
                  budget_mb: float | None = None, desc: str = "images", verbose: bool = True):
         self.shape = tuple(shape)
         self.paths = dict(zip(table.Subject, table.Path))
+        self.sources = {s: row_source(table, i) for i, s in zip(table.index, table.Subject)}
         self.labels = dict(zip(table.Subject, table.Group_bin.astype(np.float32)))
         self._arrays: dict[str, np.ndarray] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -36,20 +35,11 @@ class VolumeStore:
         voxels = int(np.prod(self.shape))
         need_mb = len(self.paths) * voxels * 4 / 2**20  # worst case: float32 sources
         self.cached = cache and (budget_mb is None or need_mb <= budget_mb)
-        for subject in progress(list(self.paths), desc=f"reading {desc}", disable=not verbose):
+        # every image is read and checked now, cached or not: a bad file (or a NaN voxel)
+        # fails before training starts, in one line naming its CSV row
+        for subject, image in checked_images(table, self.shape, desc, verbose):
             if self.cached:
-                self._arrays[subject] = self._read_native(subject)
-            else:  # validate now, read later: a bad file fails before training starts
-                check_shape(image_shape(self.paths[subject], subject), self.shape,
-                            self.paths[subject], subject)
-
-    def _read_native(self, subject: str) -> np.ndarray:
-        image = read_image(self.paths[subject], subject)
-        array = image_to_array(image)
-        check_shape(array.shape, self.shape, self.paths[subject], subject)
-        if image.GetPixelID() != sitk.sitkUInt8:
-            array = array.astype(np.float32, copy=False)
-        return array
+                self._arrays[subject] = native_array(image)
 
     def batch(self, subjects: Sequence[str]) -> np.ndarray:
         """A float32 (n, x, y, z, 1) batch of the given subjects."""
@@ -64,7 +54,8 @@ class VolumeStore:
             if self.cached:
                 out[i, ..., 0] = self._arrays[subject]
             else:
-                out[i] = read_volume(self.paths[subject], subject, self.shape)
+                out[i] = read_volume(self.paths[subject], subject, self.shape,
+                                     source=self.sources[subject])
         return out
 
     def stacked(self, subjects: Sequence[str]) -> np.ndarray:

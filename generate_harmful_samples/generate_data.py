@@ -16,6 +16,7 @@ try:
 except ImportError:  # run from a checkout without the install: use the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dqc.cli import run_main
 from dqc.errors import DQCError
 from dqc.harmful import HARMFUL_DESCRIPTIONS, build_scenario, make_harmful, scenario_summary
 
@@ -99,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # one-line warnings too; main already turns a DQCError into exit 2

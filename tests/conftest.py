@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import runpy
+import struct
 import subprocess
 import sys
 import warnings
@@ -47,11 +49,16 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @dataclass(frozen=True)
 class BadCase:
-    """A broken input: the CSV to give and a regex its one-line error must match."""
+    """A broken input: the CSV to give and a regex its one-line error must match.
+
+    A `fine` case is merely unusual: it must run, and `message` is then a regex its one-line
+    warning must match ("" when it runs silently).
+    """
 
     csv: Path
     message: str        # regex the error message must contain
     table_error: bool   # True: load_table itself rejects it; False: only reading images does
+    fine: bool = False
 
 
 def _write(table: pd.DataFrame, path: Path) -> Path:
@@ -116,6 +123,133 @@ def bad_cases(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     case("wrong_shape", small,
          rf"small\.nii\.gz \(subject {subj[3]}\): image shape 10x12x10 does not match the "
          r"model input 20x24x20", table_error=False)
+    return cases
+
+
+# --- the malformed-input corpus ------------------------------------------------------------------
+
+#: Where the corpus puts its defect: the third data row, line 4 of the CSV (after the header),
+#: so the first row (the fresh model's shape) is good and the whole-table check is needed.
+CORPUS_ROW = 2
+
+
+def _nifti_defects(folder: Path, good: np.ndarray) -> dict[str, Path]:
+    """One NIfTI file per defect, derived from a good (x, y, z) float32 volume."""
+    def write(name: str, image: sitk.Image) -> Path:
+        sitk.WriteImage(image, str(folder / name))
+        return folder / name
+
+    zyx = np.ascontiguousarray(good.transpose(2, 1, 0))
+    files = {
+        "4d_real": write("4d_real.nii.gz", sitk.GetImageFromArray(np.stack([zyx, zyx]),
+                                                                  isVector=False)),
+        "4d_singleton": write("4d_singleton.nii.gz", sitk.GetImageFromArray(zyx[None],
+                                                                            isVector=False)),
+        "vector": write("vector.nii.gz", sitk.GetImageFromArray(np.stack([zyx] * 3, -1),
+                                                                isVector=True)),
+        "complex": write("complex.nii.gz", sitk.RealAndImaginaryToComplex(
+            array_to_image(good), array_to_image(good))),
+        "2d": write("2d.nii.gz", sitk.GetImageFromArray(zyx[0])),
+        "wild_range": write("wild_range.nii.gz", array_to_image(good * 1e4 - 3e3)),
+    }
+    for name, value in (("nan", np.nan), ("inf", -np.inf)):
+        bad = good.copy()
+        bad[3, 4, 5] = value
+        files[name] = write(f"{name}.nii.gz", array_to_image(bad))
+    raw = write("plain.nii", array_to_image(good)).read_bytes()
+    short = folder / "short_data.nii"  # the header claims more voxels than the file holds
+    short.write_bytes(raw[: len(raw) - 400])
+    files["short_data"] = short
+    for name, offset, fmt, value in (("zero_axis", 46, "<h", 0), ("negative_spacing", 80, "<f", -1.0)):
+        patched = bytearray(raw)  # NIfTI-1: dim[3] at byte 46, pixdim[1] at byte 80
+        struct.pack_into(fmt, patched, offset, value)
+        files[name] = folder / f"{name}.nii"
+        files[name].write_bytes(bytes(patched))
+    gz = write("whole.nii.gz", array_to_image(good)).read_bytes()
+    files["truncated_gzip"] = folder / "truncated.nii.gz"
+    files["truncated_gzip"].write_bytes(gz[: len(gz) // 2])
+    files["empty_file"] = folder / "empty.nii.gz"
+    files["empty_file"].write_bytes(b"")
+    files["directory"] = folder / "a_folder.nii.gz"
+    files["directory"].mkdir()
+    odd = folder / "with spaces" / "sübjekt é 01.nii.gz"
+    odd.parent.mkdir()
+    files["odd_path"] = write(str(odd.relative_to(folder)), array_to_image(good))
+    return files
+
+
+#: Image defects: None = merely unusual, runs (with the warning regex given, or silently);
+#: else the regex of the one-line refusal's reason.
+IMAGE_DEFECTS: dict[str, tuple[bool, str]] = {
+    "4d_real": (False, r"4D image with 2 volumes along its 4th axis"),
+    "4d_singleton": (True, r"4D image with a singleton 4th axis, read as 3D"),
+    "vector": (False, r"3 components per pixel"),
+    "complex": (False, r"complex pixels"),
+    "2d": (False, r"2D image \(size 20x24\); expected a 3D volume"),
+    "wild_range": (True, ""),
+    "nan": (False, r"1 voxel\(s\) are NaN or infinite \(first at x=3, y=4, z=5\)"),
+    "inf": (False, r"1 voxel\(s\) are NaN or infinite \(first at x=3, y=4, z=5\)"),
+    "short_data": (False, r"holds \d+ bytes of header and voxels, its header describes \d+ "
+                   r"\(truncated file\?\)"),
+    "zero_axis": (False, r"image size 20x24x1 has an axis of fewer than 2 voxels"),
+    "negative_spacing": (True, r"non-positive voxel spacing"),
+    "truncated_gzip": (False, r"truncated or corrupt gzip stream"),
+    "empty_file": (False, r"empty file \(0 bytes\)"),
+    "directory": (False, r"is a folder, not an image file"),
+    "odd_path": (True, ""),
+}
+
+
+@pytest.fixture(scope="session")
+def malformed_cases(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, BadCase]:
+    """The malformed-input corpus: one CSV per defective NIfTI file and per unusual CSV form.
+
+    Every CSV holds the same 6 training images of one center (a federated node's CSV too)
+    with both labels, and Sex and Age (an inference CSV too); the defect is in row
+    `CORPUS_ROW`.
+    """
+    folder = tmp_path_factory.mktemp("malformed")
+    base = pd.read_csv(cohort["train"], dtype={"Subject": str, "Study": str}).head(6)
+    base["Path"] = [str((Path(cohort["train"]).parent / p).resolve()) for p in base.Path]
+    base["Study"] = "C01"
+    base["Group_bin"] = [0, 1, 0, 1, 0, 1]
+    subject = base.Subject[CORPUS_ROW]
+    good = sitk.GetArrayFromImage(sitk.ReadImage(base.Path[CORPUS_ROW])).transpose(2, 1, 0)
+    files = _nifti_defects(folder, good.astype(np.float32))
+    cases: dict[str, BadCase] = {}
+    for name, (fine, reason) in IMAGE_DEFECTS.items():
+        table = base.copy()
+        table.loc[CORPUS_ROW, "Path"] = str(files[name])
+        csv = _write(table, folder / f"{name}.csv")
+        if fine:
+            message = reason
+        elif name == "directory":  # the table check catches it: `row N (subject S): PATH ...`
+            message = rf"{re.escape(str(csv))}: row 4 \(subject {subject}\): .*{reason}$"
+        else:
+            message = (rf"{re.escape(str(csv))}: row 4: {re.escape(str(files[name]))} "
+                       rf"\(subject {subject}\): {reason}")
+        cases[name] = BadCase(csv, message, name == "directory", fine)
+
+    def text_case(name: str, text: str, message: str = "", fine: bool = True,
+                  encoding: str = "utf-8") -> None:
+        csv = folder / f"{name}.csv"
+        csv.write_text(text, encoding=encoding)
+        cases[name] = BadCase(csv, message.replace("CSV", re.escape(str(csv))), True, fine)
+
+    plain = base.to_csv(index=False)
+    text_case("bom", plain, encoding="utf-8-sig")
+    text_case("semicolons", base.to_csv(index=False, sep=";"))
+    padded = base.astype(str).map(lambda cell: f"{cell}  ")
+    text_case("trailing_spaces", padded.to_csv(index=False))
+    text_case("float_labels", base.assign(Group_bin=base.Group_bin.astype(float)).to_csv(index=False))
+    empty = base.astype(object)
+    empty.loc[CORPUS_ROW, "Group_bin"] = ""
+    text_case("empty_cell", empty.to_csv(index=False),
+              rf"CSV: row 4 \(subject {subject}\): empty Group_bin$", fine=False)
+    twice = base.to_csv(index=False).splitlines()
+    twice = [f"{line},{line.split(',')[3]}" for line in twice]  # Group_bin again at the end
+    text_case("duplicate_columns", "\n".join(twice) + "\n",
+              r"CSV: column\(s\) named more than once: Group_bin$", fine=False)
     return cases
 
 
