@@ -117,9 +117,13 @@ class Trainer:
         return [keras.ops.copy(v.value) for v in self.state_variables]
 
     def restore(self, snapshot: list) -> None:
-        """Put back a snapshot; values are bit-identical to when it was taken."""
+        """Put back a snapshot; values are bit-identical to when it was taken.
+
+        Each value is copied in, so the snapshot outlives the next step: under JAX a variable
+        takes the array itself, and a compiled train step donates (frees) its input buffers.
+        """
         for variable, value in zip(self.state_variables, snapshot):
-            variable.assign(value)
+            variable.assign(keras.ops.copy(value))
 
     def state_arrays(self) -> list[np.ndarray]:
         """Host copy of the whole state, in `state_variables` order (what travels to a node)."""
