@@ -10,12 +10,19 @@ from typing import Callable
 
 from dqc.errors import DQCError
 from dqc.qc import CRITERIA
+from dqc.runtime import BACKENDS, choose_backend
 
 
-def quiet_backend() -> None:
-    """Silence TensorFlow's start-up chatter (call before keras is imported)."""
+def quiet_backend(argv: list[str] | None = None) -> None:
+    """Choose the Keras backend (`dqc.runtime`: --backend, KERAS_BACKEND, `make setup GPU=1`'s
+    choice, tensorflow) and silence TensorFlow's start-up chatter; call before keras is
+    imported. A backend that cannot start is one `error:` line and exit status 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    try:
+        choose_backend(argv)
+    except DQCError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -54,6 +61,11 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(**kwargs)
+        # read by `quiet_backend` before Keras starts; here for --help and to be accepted
+        self.add_argument("--backend", choices=BACKENDS, default=None,
+                          help="Keras backend (default: KERAS_BACKEND, else the one `make "
+                               "setup GPU=1` chose, else tensorflow); the start line on stderr "
+                               "names it with the device and precision")
 
     def error(self, message: str):  # noqa: D102 - argparse API
         self.print_usage(sys.stderr)

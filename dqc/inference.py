@@ -255,6 +255,9 @@ def predict_cycles(test_csv: str | Path, models: Sequence[CycleModels], eval_bat
     import keras
 
     from dqc.metrics import metrics_table
+    from dqc.runtime import announce
+
+    announce()
 
     subjects = list(table["Subject"])
     store: VolumeStore | None = None
