@@ -93,7 +93,7 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
     parser.add_argument("--eval-batch-size", type=int, default=16,
                         help="images per forward pass when evaluating")
     parser.add_argument("--mixed-precision", action="store_true",
-                        help="compute in bfloat16 (CPU) / float16 (GPU); faster where the "
+                        help="compute in bfloat16 (weights stay float32); faster where the "
                              "hardware supports it, but QC decisions may differ slightly from "
                              "the float32 default")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

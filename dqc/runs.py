@@ -22,7 +22,6 @@ from dqc.errors import DQCError
 from dqc.model import Architecture, build_models, input_shape
 from dqc.qc import (CRITERIA, MIN_WINDOW, Criterion, Evaluation, QCState, QualityControl,
                     evaluate_predictions, per_image_tolerance_problems)
-from dqc.runtime import announce
 from dqc.trainer import LR_SCHEDULES, Trainer, cycle_learning_rate, predict_subjects
 from dqc.travel import CycleStats, Step, centers_of, local_step, run_cycle
 from dqc.timing import Timings
@@ -66,13 +65,11 @@ class RunSpec:
 
 
 def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
-    """Seed Keras/numpy/python, pick the compute precision (float32 unless asked) and name
-    backend, device and precision on stderr (once per process)."""
+    """Seed Keras/numpy/python and pick the compute precision (float32 unless asked)."""
     # bfloat16 needs no loss scaling, so the optimizer state has the same variables in both
     # precisions and a float32 checkpoint continues under mixed precision and back.
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
     keras.utils.set_random_seed(seed)
-    announce()
 
 
 def _start(spec: RunSpec, table: pd.DataFrame) -> tuple[Trainer, int, dict]:

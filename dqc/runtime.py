@@ -11,9 +11,9 @@ Which backend, first match wins:
    writes (`jax`), so every script runs on the GPU without flags;
 4. tensorflow.
 
-The start line (`backend: jax on NVIDIA H100 80GB HBM3, float32`) goes to stderr when a run
-starts its backend (`dqc.runs.setup_runtime`, inference), after its inputs are checked, so a
-refused input still gives one error line and nothing else.
+The start line (`backend: jax on NVIDIA H100 80GB HBM3, float32`) goes to stderr when the
+backend first computes (a `Trainer` is built, or inference loads its first model): after the
+inputs and model files are checked, so a refused input still gives one error line only.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from dqc.model import stack
+from dqc.runtime import announce
 from dqc.timing import Timings
 
 BASE_LEARNING_RATE = 1e-4
@@ -44,6 +45,7 @@ class Trainer:
 
     def __init__(self, encoder: keras.Model, classifier: keras.Model, eval_batch_size: int = 16,
                  jit_compile: bool | str | None = None, host_snapshots: bool = False):
+        announce()  # the backend starts computing here: name it, device and precision
         self.encoder, self.classifier = encoder, classifier
         self.model = stack(encoder, classifier)
         self.optimizer = keras.optimizers.Adam(learning_rate=BASE_LEARNING_RATE)
