@@ -65,13 +65,13 @@ def test_a_backend_that_cannot_start_is_one_error_line_before_keras(tmp_path):
 UNDER_JAX = pytest.mark.skipif(keras.backend.backend() != "jax",
                                reason="runs under KERAS_BACKEND=jax (make test, 2nd command)")
 BACKENDS = ("tensorflow", "jax")
-START, STOP = 3, 5
+START, STOP = 3, 4
 
 
 @pytest.fixture(scope="module")
 def qc_runs(tmp_path_factory) -> dict:
     """A model pre-trained under TensorFlow (3 cycles of 2 epochs), then the same QC run
-    (loss criterion, cycles 3-4, center C04's labels flipped) once per backend, at once."""
+    (trainloss criterion, cycle 3, center C04's labels flipped) once per backend, at once."""
     root = tmp_path_factory.mktemp("backends")
     built = build_cohort(root / "cohort", verbose=False, centers=4, n_train=24, n_val=12,
                          n_test=6, downsample=8, seed=0, effect=0.9)
@@ -90,7 +90,7 @@ def qc_runs(tmp_path_factory) -> dict:
               "-en", str(root / "pre" / f"tm_encoder_{last}.keras"),
               "-pd", str(root / "pre" / f"tm_classifier_{last}.keras"),
               "--start-cycle", str(START), "-cycles", str(STOP), "-revisit", "1",
-              "-error", "0.02", "--criterion", "loss", "-fn_save", "qc", "--quiet"]
+              "--criterion", "trainloss", "-fn_save", "qc", "--quiet"]
     procs = {b: subprocess.Popen([sys.executable, str(QC_SCRIPT), "--backend", b, *common,
                                   "--out", str(root / b)], cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for b in BACKENDS}
@@ -118,21 +118,26 @@ def test_each_run_names_its_backend_device_and_precision(qc_runs, backend):
 def test_jax_makes_tensorflows_decisions(qc_runs):
     tf, jx = (qc_runs[b] for b in BACKENDS)
     decisions = ["Cycle", "Subject", "Study", "Ignored"]
-    assert len(tf["log"]) == 1 + 2 * 5  # the baseline, then five batches in each cycle
     pd.testing.assert_frame_equal(jx["log"][decisions], tf["log"][decisions])
     pd.testing.assert_frame_equal(jx["images"], tf["images"])
+    flagged = tf["log"][tf["log"].Ignored == 1]
+    assert list(flagged.Study) == ["C04"] * 5  # its batch, then each of its 4 images alone
+    assert len(tf["log"]) == 1 + 5 + 4  # the baseline, five batches, four single images
 
 
 @pytest.mark.jax
 @UNDER_JAX
 def test_figures_differ_only_as_far_as_floats_and_dropout_draws_allow(qc_runs):
-    """The loaded model's validation figures agree to float rounding (measured: 4e-7 nats);
-    after updates, the runs drift apart because each backend draws its own dropout masks
-    (measured: at most 4e-3 nats of validation loss after ten updates)."""
+    """The loaded model's validation figures agree to float rounding (measured: 4e-7 nats).
+    Training losses are not compared: each backend draws its own dropout masks from the same
+    seed (measured: C04's batch 4.00 nats under TensorFlow, 4.42 under JAX); what keeps the
+    decisions equal is the margin, asserted here under both."""
     tf, jx = (qc_runs[b]["log"] for b in BACKENDS)
     base_tf, base_jx = tf.iloc[0], jx.iloc[0]
     for column in ("ACC", "FP", "FN", "VAL_AUROC"):
         assert base_jx[column] == base_tf[column], column
     assert abs(float(base_jx.VAL_LOSS) - float(base_tf.VAL_LOSS)) < 1e-5
-    drift = (tf.VAL_LOSS.astype(float) - jx.VAL_LOSS.astype(float)).abs()
-    assert drift.max() < 0.02, drift.max()
+    for log in (tf, jx):
+        batches = log[log.Subject == "batch"]
+        loss = batches.TRAIN_LOSS.astype(float)
+        assert loss[batches.Study == "C04"].min() > 10 * loss[batches.Study != "C04"].max()
