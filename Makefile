@@ -4,10 +4,28 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
+# GPU=1 (make setup|demo|test GPU=1): also JAX with its CUDA plugin (requirements-gpu.txt), and
+# "jax" written to .venv/keras-backend, which every script reads (dqc/runtime.py; --backend or
+# KERAS_BACKEND still win). Only on a machine with an NVIDIA GPU: elsewhere one line, no install.
+GPU ?=
+GPU_STAMP := $(VENV)/.installed-gpu
+HAVE_NVIDIA_GPU = $(shell (nvidia-smi -L 2>/dev/null | grep -q '^GPU') || \
+	ls /proc/driver/nvidia/gpus/* >/dev/null 2>&1 && echo yes)
+DRY_RUN = $(findstring n,$(firstword -$(MAKEFLAGS)))
+GPU_PACKAGES = $(shell sed -e 's/\#.*//' requirements-gpu.txt)
+# The JAX set of make test: compiled XLA programs are kept for the next run and shared by the
+# set's processes (the same tiny model is compiled many times otherwise: 3 min -> 1.5 min).
+JAX_TEST_ENV := KERAS_BACKEND=jax JAX_COMPILATION_CACHE_DIR=$(abspath $(VENV))/jax-cache \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 
-.PHONY: setup test test-deploy demo bench clean
+.PHONY: setup gpu-check test test-deploy demo bench clean
 
-setup: $(STAMP)
+setup: $(if $(GPU),gpu-check $(STAMP) $(GPU_STAMP),$(STAMP))
+
+# before anything is installed; make -n shows what would be
+gpu-check:
+	$(if $(DRY_RUN)$(HAVE_NVIDIA_GPU),,$(error no NVIDIA GPU found (nvidia-smi lists none, \
+	no /proc/driver/nvidia/gpus): make setup GPU=1 installs nothing; use make setup))
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +34,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(GPU_STAMP): requirements-gpu.txt $(STAMP)
+	$(PY) -m pip install --quiet $(foreach p,$(GPU_PACKAGES),'$(p)')
+	echo jax > $(VENV)/keras-backend
+	touch $(GPU_STAMP)
+
+# The suite under the backend setup chose (TensorFlow; JAX on the GPU with GPU=1), then the
+# tests marked jax under JAX (on the CPU, or the GPU with GPU=1).
 test: setup
 	$(PY) -m pytest -q
+	$(JAX_TEST_ENV) $(PY) -m pytest -q -m jax
 
 # The whole Flower deployment on loopback (SuperLink + SuperNodes, TLS, node auth): ~3 min.
 test-deploy: setup

@@ -11,12 +11,19 @@ from typing import Callable
 from dqc import defaults
 from dqc.errors import DQCError
 from dqc.qc import CRITERIA
+from dqc.runtime import BACKENDS, choose_backend
 
 
-def quiet_backend() -> None:
-    """Silence TensorFlow's start-up chatter (call before keras is imported)."""
+def quiet_backend(argv: list[str] | None = None) -> None:
+    """Choose the Keras backend (`dqc.runtime`: --backend, KERAS_BACKEND, `make setup GPU=1`'s
+    choice, tensorflow) and silence TensorFlow's start-up chatter; call before keras is
+    imported. A backend that cannot start is one `error:` line and exit status 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    try:
+        choose_backend(argv)
+    except DQCError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -55,6 +62,11 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(**kwargs)
+        # read by `quiet_backend` before Keras starts; here for --help and to be accepted
+        self.add_argument("--backend", choices=BACKENDS, default=None,
+                          help="Keras backend (default: KERAS_BACKEND, else the one `make "
+                               "setup GPU=1` chose, else tensorflow); the start line on stderr "
+                               "names it with the device and precision")
 
     def error(self, message: str):  # noqa: D102 - argparse API
         self.print_usage(sys.stderr)
@@ -82,7 +94,7 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
     parser.add_argument("--eval-batch-size", type=int, default=defaults.EVAL_BATCH_SIZE,
                         help="images per forward pass when evaluating")
     parser.add_argument("--mixed-precision", action="store_true",
-                        help="compute in bfloat16 (CPU) / float16 (GPU); faster where the "
+                        help="compute in bfloat16 (weights stay float32); faster where the "
                              "hardware supports it, but QC decisions may differ slightly from "
                              "the float32 default")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

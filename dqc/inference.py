@@ -259,6 +259,7 @@ def predict_cycles(test_csv: str | Path, models: Sequence[CycleModels], eval_bat
     import keras
 
     from dqc.metrics import metrics_table
+    from dqc.runtime import announce
 
     subjects = list(table["Subject"])
     store: VolumeStore | None = None
@@ -267,6 +268,7 @@ def predict_cycles(test_csv: str | Path, models: Sequence[CycleModels], eval_bat
     for cycle, encoder_path, classifier_path in progress(models, desc="cycles",
                                                          disable=not verbose):
         model, shape = _load_stacked(encoder_path, classifier_path)
+        announce()  # once: the backend computes from here on
         if store is None:
             store = VolumeStore(table, shape, desc="test images", verbose=verbose)
             volumes = store.stacked(subjects)  # once: uint8 stays uint8, cast in the model

@@ -14,6 +14,7 @@ import numpy as np
 
 from dqc import defaults
 from dqc.model import stack
+from dqc.runtime import announce
 from dqc.timing import Timings
 
 BASE_LEARNING_RATE = 1e-4
@@ -45,6 +46,7 @@ class Trainer:
 
     def __init__(self, encoder: keras.Model, classifier: keras.Model, eval_batch_size: int = defaults.EVAL_BATCH_SIZE,
                  jit_compile: bool | str | None = None, host_snapshots: bool = False):
+        announce()  # the backend starts computing here: name it, device and precision
         self.encoder, self.classifier = encoder, classifier
         self.model = stack(encoder, classifier)
         self.optimizer = keras.optimizers.Adam(learning_rate=BASE_LEARNING_RATE)
@@ -118,9 +120,13 @@ class Trainer:
         return [keras.ops.copy(v.value) for v in self.state_variables]
 
     def restore(self, snapshot: list) -> None:
-        """Put back a snapshot; values are bit-identical to when it was taken."""
+        """Put back a snapshot; values are bit-identical to when it was taken.
+
+        Each value is copied in, so the snapshot outlives the next step: under JAX a variable
+        takes the array itself, and a compiled train step donates (frees) its input buffers.
+        """
         for variable, value in zip(self.state_variables, snapshot):
-            variable.assign(value)
+            variable.assign(keras.ops.copy(value))
 
     def state_arrays(self) -> list[np.ndarray]:
         """Host copy of the whole state, in `state_variables` order (what travels to a node)."""

@@ -350,6 +350,11 @@ def script_runs(cohort: dict, bad_cases: dict[str, BadCase],
     runs.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "jax: also run under KERAS_BACKEND=jax (make test's "
+                            "second command: pytest -m jax)")
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the tests that wait on script subprocesses last, and start those early."""

@@ -18,6 +18,7 @@ from dqc.runs import QCSpec, RunSpec, run_quality_control
 from dqc.travel import centers_of, cycle_batches, cycle_rng
 
 START, STOP, REVISIT, SEED = 1, 5, 2, 42
+pytestmark = pytest.mark.jax  # the same flow and oracle under JAX (make test)
 
 
 class StandIn:

@@ -44,6 +44,17 @@ def test_runs_from_the_repository_root(script_runs):
     _check_success(script_runs.get("from_root"), cycles=2)
 
 
+def test_start_line_names_backend_device_and_precision(script_runs):
+    import keras
+
+    from dqc.runtime import device_name
+
+    run = script_runs.get("from_root")
+    lines = [line for line in run.stderr.splitlines() if line.startswith("backend: ")]
+    backend = keras.backend.backend()  # the script ran with this process's environment
+    assert lines == [f"backend: {backend} on {device_name(backend)}, float32"], run.stderr
+
+
 def test_runs_from_inside_its_folder_with_a_relative_csv(script_runs):
     # the CSV path is relative to the script's folder, the image Paths relative to the CSV's
     _check_success(script_runs.get("from_script_dir"), cycles=1)

@@ -196,6 +196,7 @@ def test_every_cycle_writes_three_files_and_nothing_else(full_run):
     assert checkpoint.last_complete_cycle(full_run["out"], "tm") == 5
 
 
+@pytest.mark.jax
 def test_saved_models_reload_and_predict_identically(full_run):
     paths = checkpoint.cycle_paths(full_run["out"], "tm", 5)
     loaded, meta = checkpoint.load_trainer(paths["encoder"], paths["classifier"])
@@ -245,6 +246,7 @@ def _host(trainer) -> list[np.ndarray]:
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in trainer.state_variables]
 
 
+@pytest.mark.jax
 def test_snapshot_restore_is_bit_identical_for_weights_and_optimizer(full_run):
     trainer = full_run["trainer"]
     x = full_run["x"][:5]

@@ -1,0 +1,113 @@
+"""The Keras backend in the open: chosen before Keras starts, named in one line when it does.
+
+Keras reads KERAS_BACKEND once, at its first import, so every entry point calls
+`dqc.cli.quiet_backend()` before importing anything that imports Keras; that reads `--backend`
+from the command line (a pre-parse: the scripts' parsers run later) and fixes the choice.
+Which backend, first match wins:
+
+1. `--backend NAME` on the command line;
+2. the KERAS_BACKEND environment variable;
+3. the file `keras-backend` in the Python environment (`sys.prefix`), which `make setup GPU=1`
+   writes (`jax`), so every script runs on the GPU without flags;
+4. tensorflow.
+
+The start line (`backend: jax on NVIDIA H100 80GB HBM3, float32`) goes to stderr when the
+backend first computes (a `Trainer` is built, or inference loads its first model): after the
+inputs and model files are checked, so a refused input still gives one error line only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from dqc.errors import DQCError
+
+BACKENDS = ("tensorflow", "jax", "torch")
+DEFAULT_BACKEND = "tensorflow"
+BACKEND_FILE = "keras-backend"  # in sys.prefix; written by `make setup GPU=1`
+_INSTALL_HINT = {"tensorflow": "make setup", "jax": "make setup (CPU) or make setup GPU=1",
+                 "torch": "pip install torch"}
+
+
+def requested_backend(argv: Sequence[str], environ: Mapping[str, str], prefix: str | Path
+                      ) -> tuple[str, str]:
+    """(backend, where the choice came from), by the precedence of the module docstring."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--backend":
+            if i + 1 >= len(argv):
+                raise DQCError("--backend needs a value: " + ", ".join(BACKENDS))
+            return argv[i + 1], "--backend"
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1], "--backend"
+    if environ.get("KERAS_BACKEND"):
+        return environ["KERAS_BACKEND"], "KERAS_BACKEND"
+    chosen = Path(prefix) / BACKEND_FILE
+    if chosen.is_file() and chosen.read_text().strip():
+        return chosen.read_text().strip(), str(chosen)
+    return DEFAULT_BACKEND, "default"
+
+
+def choose_backend(argv: Sequence[str] | None = None) -> str:
+    """Fix KERAS_BACKEND for this process and its children; refuse one that cannot start."""
+    name, source = requested_backend(sys.argv[1:] if argv is None else argv, os.environ,
+                                     sys.prefix)
+    if name not in BACKENDS:
+        raise DQCError(f"unknown Keras backend {name!r} (from {source}); choose one of "
+                       + ", ".join(BACKENDS))
+    if importlib.util.find_spec(name) is None:
+        raise DQCError(f"Keras backend {name!r} (from {source}) is not installed; "
+                       f"{_INSTALL_HINT[name]} installs it")
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != name:
+        raise DQCError(f"Keras already started with {keras.backend.backend()}; {name} (from "
+                       f"{source}) must be chosen before Keras is first imported")
+    os.environ["KERAS_BACKEND"] = name
+    return name
+
+
+def device_name(backend: str) -> str:
+    """What the backend computes on: `CPU`, or the accelerator's name (`2 x` when several)."""
+    if backend == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform != "cpu"]
+        name = gpus[0].device_kind if gpus else "CPU"
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        name = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+                if gpus else "CPU")
+    else:
+        import torch
+
+        gpus = list(range(torch.cuda.device_count()))
+        name = torch.cuda.get_device_name(0) if gpus else "CPU"
+    return f"{len(gpus)} x {name}" if len(gpus) > 1 else name
+
+
+def start_line() -> str:
+    """`backend: BACKEND on DEVICE, PRECISION` for the running Keras and its dtype policy."""
+    import keras
+
+    backend = keras.backend.backend()
+    return (f"backend: {backend} on {device_name(backend)}, "
+            f"{keras.mixed_precision.dtype_policy().name}")
+
+
+def announce() -> None:
+    """Print the start line on stderr, once per process and setting (the demo starts many
+    runs in one process; a change of precision gets its own line)."""
+    _print_once(start_line())
+
+
+@functools.lru_cache(maxsize=None)
+def _print_once(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
