@@ -61,7 +61,7 @@ def _node(csv: Path, out: Path, capsys: pytest.CaptureFixture) -> ScriptRun:
         warnings.simplefilter("always")
         try:
             node = CenterNode(csv)
-            _, store = node._ready()
+            _, store = node.ready()
             ok = np.isfinite(store.batch(sorted(node.ids))).all()
             code, err = (0, "") if ok else (1, "non-finite batch")
         except DQCError as exc:

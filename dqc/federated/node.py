@@ -29,7 +29,7 @@ class CenterNode:
     validation CSV, if it holds any) and a trainer over them."""
 
     def __init__(self, csv_path: str | Path, val_csv: str | Path | None = None):
-        from dqc.data import image_shape, load_table  # not needed by a worker's ClientApp
+        from dqc.data import image_shape, load_table, row_source  # not in a worker's ClientApp
 
         self.table = load_table(csv_path, "train")
         centers = sorted(set(self.table.Study))
@@ -39,14 +39,20 @@ class CenterNode:
         self.center = centers[0]
         self.ids = set(self.table.Subject)
         first = self.table.iloc[0]
-        self.shape = image_shape(first.Path, first.Subject)
+        self.shape = image_shape(first.Path, first.Subject, row_source(self.table, self.table.index[0]))
         self.val = load_table(val_csv, "validation") if val_csv else None
         if self.val is not None and "Study" in self.val.columns:
             other = sorted(set(self.val.Study) - {self.center})
             if other:
                 raise DQCError(f"{val_csv}: validation rows of center {other[0]} at the node "
                                f"of center {self.center}")
-        self._store = self._val_x = None
+        from dqc.volumes import VolumeStore
+
+        # every image checked (and read) when the node starts, not at its first step
+        self._store = VolumeStore(self.table, self.shape, verbose=False)
+        self._val_store = VolumeStore(self.val, self.shape, verbose=False) \
+            if self.val is not None else None
+        self._val_x = None
         self._held: dict[str, np.ndarray] = {}
         # "verified" / "produced": (digest, packed model) of the last model verified here and
         # of the last one trained here, which the next verification names by digest only
@@ -63,16 +69,12 @@ class CenterNode:
                         else [])
 
     def ready(self):
-        """The trainer and image store, built on first use and kept while the process lives;
-        the validation images too, on the device, as stored."""
-        if self._store is None:
-            from dqc.volumes import VolumeStore
-
-            self._store = VolumeStore(self.table, self.shape, verbose=False)
-            if self.val is not None:
-                val = VolumeStore(self.val, self.shape, verbose=False)
-                self._val_x = shared_trainer(self.shape).on_device(val.stacked(list(self.val.Subject)))
-        return shared_trainer(self.shape), self._store
+        """The trainer (built on first use, kept while the process lives) and the image
+        store; the validation images moved to the device once, as stored."""
+        trainer = shared_trainer(self.shape)
+        if self._val_store is not None and self._val_x is None:
+            self._val_x = trainer.on_device(self._val_store.stacked(list(self.val.Subject)))
+        return trainer, self._store
 
     def train_step(self, state: np.ndarray | None, key: str,
                    ids: Sequence[str]) -> tuple[np.ndarray, str, float, float, str]:
