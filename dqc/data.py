@@ -250,9 +250,12 @@ def _check_data_size(reader: sitk.ImageFileReader, path: str | Path, who: str) -
     name = str(path).lower()
     if offset is None or bits is None or dims is None or not name.endswith((".nii", ".nii.gz")):
         return
-    voxels = int(np.prod([int(float(_meta(reader, f"dim[{i}]") or 1))
-                          for i in range(1, int(float(dims)) + 1)]))
-    need = int(float(offset)) + voxels * int(float(bits)) // 8
+    try:
+        voxels = int(np.prod([int(float(_meta(reader, f"dim[{i}]") or 1))
+                              for i in range(1, int(float(dims)) + 1)]))
+        need = int(float(offset)) + voxels * int(float(bits)) // 8
+    except (ValueError, OverflowError):
+        raise DQCError(f"{who}: corrupt header (its sizes are not numbers)") from None
     if name.endswith(".nii"):
         held = os.path.getsize(path)
     else:
@@ -311,8 +314,14 @@ def _check_nifti_finite(reader: sitk.ImageFileReader, path: str | Path, who: str
     except (OSError, EOFError, zlib.error):
         raise DQCError(f"{who}: truncated or corrupt gzip stream") from None
     order = "<" if int.from_bytes(raw[:4], "little") in (348, 540) else ">"
-    start = int(float(offset))
-    size = (len(raw) - start) // int(_NIFTI_FLOATS[kind][1]) if len(raw) > start else 0
+    try:
+        start = int(float(offset))
+    except (ValueError, OverflowError):
+        raise DQCError(f"{who}: corrupt header (vox_offset {offset!r})") from None
+    if not 0 <= start <= len(raw):
+        raise DQCError(f"{who}: its header puts the voxels at byte {start}, outside the "
+                       f"{len(raw)} bytes of the image")
+    size = (len(raw) - start) // int(_NIFTI_FLOATS[kind][1])
     voxels = min(int(np.prod(shape)), size)
     _check_finite(np.frombuffer(raw, order + _NIFTI_FLOATS[kind], count=voxels, offset=start),
                   shape, who)

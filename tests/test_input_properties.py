@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dqc.data import array_to_image, load_table, read_image
 from dqc.errors import DQCError
 
-SETTINGS = settings(max_examples=250, deadline=None, database=None,
+SETTINGS = settings(max_examples=250, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -169,7 +169,9 @@ def center_node(files: NodeFiles) -> CenterNode:
     A process-wide cache on purpose: Flower hands a simulation actor a fresh copy of the
     ClientApp with every message, so a cache inside the app would be rebuilt every time.
     """
-    return CenterNode(files[0], files[1] or None)
+    node = CenterNode(files[0], files[1] or None)
+    node.ready()  # the model too: a node is slow once, when it first answers "who are you"
+    return node
 
 
 class WorkerNode:

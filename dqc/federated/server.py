@@ -292,7 +292,11 @@ def serve(grid: Grid, config: dict) -> dict:
     check_server_inputs(spec, qspec, verify_at)
     poll, timeout = float(config["poll-s"]), float(config["node-timeout-s"])
     node_ids = wait_for_nodes(grid, int(config["min-nodes"]), float(config["wait-nodes-s"]))
-    table, fleet, identities = roster(grid, node_ids, timeout, poll)
+    # a node loads its images and builds its model when first asked who it is: that answer
+    # may take as long as a node may take to connect
+    table, fleet, identities = roster(grid, node_ids, max(timeout, float(config["wait-nodes-s"])),
+                                      poll)
+    fleet.timeout = timeout
     spec.echo(f"{len(fleet.nodes)} center nodes: " + ", ".join(
         f"{i.center} ({len(i.subjects)} images, {i.n_pd} PD"
         + (f"; validation {i.val_hc + i.val_pd}" if i.val_hc + i.val_pd else "") + ")"
