@@ -63,7 +63,7 @@ def synthetic_cohort(out: Path, n_train: int, n_val: int, shape: tuple[int, int,
 
 def run_mode(args) -> dict:
     """One QC run with timings, in this process; returns the JSON record."""
-    from dqc.runs import QCSpec, RunSpec, run_quality_control
+    from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control
     from dqc.timing import Timings
 
     timings = Timings()
@@ -72,11 +72,12 @@ def run_mode(args) -> dict:
                    cycles=range(args.start_cycle, args.start_cycle + args.cycles), seed=defaults.SEED,
                    encoder=args.en, classifier=args.pd, cache=not args.no_cache,
                    eval_batch_size=args.eval_batch_size, mixed_precision=args.mixed_precision,
-                   naive=args.naive, timings=timings, verbose=not args.quiet,
+                   verbose=not args.quiet,
                    echo=lambda line: print(line, file=sys.stderr))
     start = time.perf_counter()
     policy = run_quality_control(spec, QCSpec(val_csv=args.val, error=args.error,
-                                              revisit=args.revisit, name="bench"))
+                                              revisit=args.revisit, name="bench"),
+                                 probe=Probe(naive=args.naive, timings=timings))
     wall = time.perf_counter() - start
     log = pd.DataFrame(policy.state.log)
     qc_log = log[log.Cycle >= args.start_cycle]

@@ -145,13 +145,22 @@ def load_models(encoder_path: str | Path, classifier_path: str | Path
 
 def load_trainer(encoder_path: str | Path, classifier_path: str | Path,
                  **trainer_kwargs) -> tuple[Trainer, dict[str, Any]]:
-    """A Trainer from saved files, with the optimizer state when its state file exists.
+    """A Trainer from saved files, with the optimizer state when its state file exists
+    (`trainer_for` of `load_models`)."""
+    return trainer_for(load_models(encoder_path, classifier_path), classifier_path,
+                       **trainer_kwargs)
+
+
+def trainer_for(models: tuple[keras.Model, keras.Model, authors.AuthorsPair | None],
+                classifier_path: str | Path, **trainer_kwargs) -> tuple[Trainer, dict[str, Any]]:
+    """The Trainer of loaded models (`load_models`), with the optimizer state when its
+    state file exists beside `classifier_path`.
 
     Returns the trainer and the state's `meta` record ({} when there is no state file:
     then a fresh optimizer is used, with a warning). The authors' `.h5` pair carries its
     own Adam state; one printed line says what was taken over.
     """
-    encoder, classifier, pair = load_models(encoder_path, classifier_path)
+    encoder, classifier, pair = models
     trainer = Trainer(*in_current_precision(encoder, classifier), **trainer_kwargs)
     if pair is not None:
         print(authors.load_line(pair, authors.load_optimizer(pair, trainer.optimizer)))
