@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from dqc.errors import DQCError
 from dqc.progress import progress
 
-#: Columns each use needs (ALGORITHM.md, "Data contract").
+#: Columns each use needs (docs/method.md, "Data contract").
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "train": ("Subject", "Study", "Path", "Group_bin"),
     "validation": ("Subject", "Path", "Group_bin"),

@@ -309,7 +309,7 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                         make_step: StepFactory | None = None,
                         verify: tuple[Validation, EvaluatorFactory] | None = None,
                         probe: Probe = Probe()) -> QualityControl:
-    """The travelling model with verification, revisit and elimination (ALGORITHM.md).
+    """Travelling model with verification, revisit, elimination (docs/method.md, "Quality control").
 
     `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
     Federated runs pass `train` (Subject, Study and optionally Harmful: no image paths) and
