@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dqc.checkpoint import atomic_write  # noqa: E402
+from dqc.io import atomic_write  # noqa: E402
 from dqc.data import image_to_array, read_image  # noqa: E402
 
 
