@@ -151,7 +151,7 @@ class Stages:
     def measure_detectability(self) -> None:
         from dqc.data import load_table
         from dqc.detectability import run_instrument
-        from dqc.runs import setup_runtime
+        from dqc.runtime import setup_runtime
 
         c, p = self.config, self.pretrained()
         setup_runtime(c.seed)

@@ -519,7 +519,7 @@ def main(argv=None) -> int:
     require_both_classes(val, args.fn_test)
     plan_candidates(train, types, args.n, args.batch_size, args.seed)  # fails before loading
     from dqc.checkpoint import load_trainer  # imports Keras: only once the inputs are checked
-    from dqc.runs import setup_runtime
+    from dqc.runtime import setup_runtime
 
     setup_runtime(args.seed)
     trainer, _ = load_trainer(args.en, args.pd, eval_batch_size=args.eval_batch_size)

@@ -72,6 +72,18 @@ def choose_backend(argv: Sequence[str] | None = None) -> str:
     return name
 
 
+def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
+    """Seed Keras/numpy/python and pick the compute precision (float32 unless asked): global
+    Keras state, set by whoever starts a run (`dqc.runs.train_cycles`,
+    `dqc.runs.run_quality_control`, a federated node, the detectability instrument)."""
+    import keras
+
+    # bfloat16 needs no loss scaling, so the optimizer state has the same variables in both
+    # precisions and a float32 checkpoint continues under mixed precision and back.
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
+    keras.utils.set_random_seed(seed)
+
+
 def device_name(backend: str) -> str:
     """What the backend computes on: `CPU`, or the accelerator's name (`2 x` when several)."""
     if backend == "jax":
