@@ -6,12 +6,7 @@ Shows how much harmful data hurts when nobody checks it:
         -pd ./path_pretrained_classifier -cycles 30 -epochs 1 -batch_size 5
 """
 
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-from dqc.cli import (Parser, add_lr_schedule_flag, add_run_flags, run_main,  # noqa: E402
-                     run_options)
+from dqc.cli import Parser, add_lr_schedule_flag, add_run_flags, run_main, run_options
 
 
 def parse_args(argv=None):

@@ -11,24 +11,20 @@ same data, checks that both made the same decisions, and reports the speed-up.
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
 from dqc import defaults
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from dqc.cli import Parser, run_main  # noqa: E402
-from dqc.data import array_to_image, parse_shape  # noqa: E402
-from dqc.errors import DQCError  # noqa: E402
+from dqc.cli import Parser, run_main
+from dqc.data import array_to_image, parse_shape
+from dqc.errors import DQCError
 
 MODES = {"fast": [], "naive": ["--naive"], "nocache": ["--no-cache"],
          "mixed": ["--mixed-precision"]}

@@ -19,28 +19,23 @@ detectability.md (per group), detectability.json (summary), detectability.png (p
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
 from dqc import defaults
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-import json  # noqa: E402
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from dqc.cli import Parser, check_positive, run_main  # noqa: E402
-from dqc.data import (check_shape, image_shape, image_to_array, load_table,  # noqa: E402
-                      read_image, require_both_classes)
-from dqc.errors import DQCError  # noqa: E402
-from dqc.harmful import HARMFUL_TYPES, LABEL_TYPES, _image_seed, check_types  # noqa: E402
-from dqc.progress import progress  # noqa: E402
-from dqc.qc import (TOLERANCE, Evaluation, evaluate_predictions, is_harmful,  # noqa: E402
-                    roc_auc)
+from dqc.cli import Parser, check_positive, run_main
+from dqc.data import (check_shape, image_shape, image_to_array, load_table, read_image,
+                      require_both_classes)
+from dqc.errors import DQCError
+from dqc.harmful import HARMFUL_TYPES, LABEL_TYPES, _image_seed, check_types
+from dqc.progress import progress
+from dqc.qc import TOLERANCE, Evaluation, evaluate_predictions, is_harmful, roc_auc
 
 if TYPE_CHECKING:
     from dqc.trainer import Trainer

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dqc.cli import Parser, quiet_backend, run_main
+from dqc.cli import Parser, run_main
 from dqc.errors import DQCError
 
 
@@ -43,7 +43,6 @@ def main(argv=None) -> int:
         if not match:
             raise DQCError(f"-pd {args.pd}: no cycle in its name; give --cycle")
         cycle = int(match[1])
-    quiet_backend()
     from dqc.authors import export_pair
     from dqc.checkpoint import load_trainer
     from dqc.trainer import learning_rate

@@ -1,8 +1,10 @@
 """The Keras backend in the open: chosen before Keras starts, named in one line when it does.
 
-Keras reads KERAS_BACKEND once, at its first import, so every entry point calls
-`dqc.cli.quiet_backend()` before importing anything that imports Keras; that reads `--backend`
-from the command line (a pre-parse: the scripts' parsers run later) and fixes the choice.
+Keras reads KERAS_BACKEND once, at its first import, so every entry point runs through
+`dqc.cli.run_main`, which calls `choose_backend` before the script's `main` imports anything
+that imports Keras; that reads `--backend` from the command line (a pre-parse: the scripts'
+parsers run later) and fixes the choice. A run then fixes its precision and seeds with
+`setup_runtime`, explicitly where it starts.
 Which backend, first match wins:
 
 1. `--backend NAME` on the command line;

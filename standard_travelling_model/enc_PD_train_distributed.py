@@ -5,14 +5,10 @@ Gives the clean baseline and the pre-trained model (the paper pre-trains cycles 
     python enc_PD_train_distributed.py -fn_train ./training_set.csv -cycles 30 -epochs 1 -batch_size 5
 """
 
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-from dqc import defaults  # noqa: E402
-from dqc.cli import Parser, add_run_flags, run_main, run_options  # noqa: E402
-from dqc.data import parse_shape  # noqa: E402
-from dqc.errors import DQCError  # noqa: E402
+from dqc import defaults
+from dqc.cli import Parser, add_run_flags, run_main, run_options
+from dqc.data import parse_shape
+from dqc.errors import DQCError
 
 
 def parse_args(argv=None):
