@@ -115,8 +115,10 @@ def parse_args(argv=None):
     p.add_argument("-pd", default=None, help="start from this classifier")
     p.add_argument("--cycles", type=int, default=1, help="QC cycles to time")
     p.add_argument("--start-cycle", type=int, default=defaults.START_CYCLE, help="cycle number of the first one")
-    p.add_argument("--error", type=float, default=defaults.ERROR, help="QC -error")
-    p.add_argument("--revisit", type=int, default=defaults.REVISIT, help="QC -revisit")
+    p.add_argument("-error", "--error", dest="error", type=float, default=defaults.ERROR,
+                   help="QC -error")
+    p.add_argument("-revisit", "--revisit", dest="revisit", type=int, default=defaults.REVISIT,
+                   help="QC -revisit")
     p.add_argument("--eval-batch-size", type=int, default=defaults.EVAL_BATCH_SIZE, help="validation batch size")
     p.add_argument("--modes", default="fast", help=f"comma list of {', '.join(MODES)}; each "
                    "runs in its own process")
@@ -161,7 +163,7 @@ def main(argv=None):
         command = [sys.executable, "-m", "dqc.bench", "--cohort", ".", "--mode-name", mode,
                    "--train", str(train), "--val", str(val), "--out", str(out),
                    "--cycles", str(args.cycles), "--start-cycle", str(args.start_cycle),
-                   "--error", str(args.error), "--revisit", str(args.revisit),
+                   "-error", str(args.error), "-revisit", str(args.revisit),
                    "--eval-batch-size", str(args.eval_batch_size), *MODES[mode]]
         command += ["-en", args.en, "-pd", args.pd] if args.en else []
         command += ["--quiet"] if args.quiet else []

@@ -108,6 +108,14 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_batch_size_flag(parser: argparse.ArgumentParser, help: str,
+                        default: int = defaults.BATCH_SIZE) -> None:
+    """The authors' `-batch_size`, in every script that takes a batch size (`--batch-size`,
+    an earlier spelling of ours, is accepted too)."""
+    parser.add_argument("-batch_size", "--batch-size", dest="batch_size", type=int,
+                        default=default, help=help)
+
+
 def add_lr_schedule_flag(parser: argparse.ArgumentParser) -> None:
     """For runs that continue a pre-trained model (dirty baseline, QC)."""
     parser.add_argument("--lr-schedule", choices=("continue", "restart"), default=defaults.LR_SCHEDULE,
@@ -147,7 +155,7 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "heldout and combined, its tolerated rise for one update, in nats")
     p.add_argument("-fn_save", default="qc", help="NAME of the outputs: NAME.csv (log), "
                    "NAME_images.csv, NAME_summary.json and NAME_*_CCC model files")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="images per update")
+    add_batch_size_flag(p, help="images per update")
     p.add_argument("--start-cycle", type=int, default=defaults.START_CYCLE, help="first cycle (the pre-trained "
                    "model ends at START-1)")
     p.add_argument("--legacy-rates", action="store_true", help="the authors' denominators: "

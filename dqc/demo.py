@@ -281,7 +281,8 @@ def parse_args(argv=None):
                    "paper's SFCN)")
     p.add_argument("--intensity", choices=("raw", "zscore"), help=f"model input ({d.intensity})")
     p.add_argument("--pretrain", type=int, help=f"pre-training cycles ({d.pretrain})")
-    p.add_argument("--cycles", type=int, help=f"total cycles; runs end at cycles-1 ({d.cycles})")
+    p.add_argument("-cycles", "--cycles", dest="cycles", type=int,
+                   help=f"total cycles; runs end at cycles-1 ({d.cycles})")
     p.add_argument("-revisit", type=int, dest="revisit", help=f"QC revisit R ({d.revisit})")
     p.add_argument("-error", type=float, dest="error", help=f"QC error e of the paper's rule "
                    f"({d.error})")

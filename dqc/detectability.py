@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from dqc import defaults
-from dqc.cli import Parser, check_positive, run_main
+from dqc.cli import Parser, add_batch_size_flag, check_positive, run_main
 from dqc.data import (check_shape, image_shape, image_to_array, load_table, read_image,
                       require_both_classes)
 from dqc.errors import DQCError
@@ -158,7 +158,7 @@ def _no_candidates(group: str, kind: str, t: str, batch_size: int) -> str:
     what = "good images" if t == GOOD else f"{t} images (with the center's good ones)"
     if kind == "batch":
         return (f"group '{group}' has no candidates: no center has {batch_size} {what}; "
-                "lower --batch-size")
+                "lower -batch_size")
     return f"group '{group}' has no candidates: the training CSV has no {what}"
 
 
@@ -392,7 +392,7 @@ def markdown(table: pd.DataFrame, summary: dict) -> str:
 
 def check_settings(n: int, batch_size: int, error: float = 0.0) -> None:
     check_positive("-n", n)
-    check_positive("--batch-size", batch_size)
+    check_positive("-batch_size", batch_size)
     if error < 0:
         raise DQCError(f"-error must be 0 or more, got {error}")
 
@@ -489,7 +489,7 @@ def parse_args(argv=None):
                    f"fly from the good candidates' images ({', '.join(HARMFUL_TYPES)}); "
                    "default: the training CSV's Harmful rows by HarmfulType")
     p.add_argument("-n", type=int, default=20, help="candidates per group")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="images per batch candidate")
+    add_batch_size_flag(p, help="images per batch candidate")
     p.add_argument("-error", type=float, default=defaults.ERROR, help="the QC rule's e (flag a rise "
                    "of either rate by more than k * e)")
     p.add_argument("--cycle", type=int, default=defaults.START_CYCLE, help="train at this cycle's learning rate")
