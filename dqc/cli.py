@@ -1,4 +1,5 @@
-"""What every script shares: quiet TensorFlow, one-line errors and warnings, common flags."""
+"""What every script shares: `run_main` (the runtime setup; one-line errors and warnings), the
+parser, the common flags."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with defaults shown in --help and usage errors as one `error:` line (after
     the usage block, unless `usage_on_error=False`), exit status 2."""
 
-    def __init__(self, usage_on_error: bool = True, **kwargs):
+    def __init__(self, *, usage_on_error: bool = True, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(**kwargs)
         self.usage_on_error = usage_on_error
