@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dqc.cli import Parser, run_main
+from dqc.io import write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
                         f"{f['median_verify_bytes_sent'] / 1e6:.1f} MB / "
                         f"{f['median_verify_bytes_received']:.0f} B |")
             print("\n".join(rows), flush=True)
-    (out / "federated_cost.md").write_text("\n".join(rows) + "\n")
+    write_text(out / "federated_cost.md", "\n".join(rows) + "\n")
     print(f"medians per update; table in {out / 'federated_cost.md'}", file=sys.stderr)
 
 

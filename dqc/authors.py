@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from dqc.data import format_shape
-from dqc.errors import DQCError
+from dqc.errors import DQCError, error_reason
 from dqc.model import Architecture, architecture, build_models, input_shape
 
 #: Their (conv, norm) layers, filters and kernel side, block by block, and our layer names.
@@ -127,7 +127,7 @@ def read_file(path: str | Path) -> AuthorsFile:
                 if "optimizer_weights" in f else {}
     except (OSError, KeyError, ValueError) as exc:
         raise DQCError(f"{path}: cannot read as a Keras .h5 model file ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+                       f"{error_reason(exc, '', first_line=True, limit=120)})") from None
     layers = config.get("config", {}).get("layers", [])
     inputs = [tuple(c["config"].get("batch_input_shape") or c["config"].get("batch_shape"))
               for c in layers if c.get("class_name") == "InputLayer"]
@@ -370,7 +370,7 @@ def _names(names: list[str]) -> np.ndarray:
 def _write_h5(path: Path, config: dict, weights: dict[str, dict[str, np.ndarray]],
               optimizer: list[tuple[str, np.ndarray]], learning_rate: float) -> None:
     """A Keras 2 `model.save('x.h5')` file: model_config, model_weights, optimizer_weights."""
-    from dqc.checkpoint import atomic_write
+    from dqc.io import atomic_write
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:

@@ -33,9 +33,9 @@ MODES = {"fast": [], "naive": ["--naive"], "nocache": ["--no-cache"],
 def synthetic_cohort(out: Path, n_train: int, n_val: int, shape: tuple[int, int, int],
                      centers: int = 8, seed: int = 0) -> tuple[Path, Path]:
     """Random smooth 8-bit volumes (uncompressed .nii, fast to write) for timing only."""
-    import SimpleITK as sitk
-
     from scipy.ndimage import zoom
+
+    from dqc.io import write_csv, write_image
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,19 +47,19 @@ def synthetic_cohort(out: Path, n_train: int, n_val: int, shape: tuple[int, int,
         path = out / f"syn-{i:04d}.nii"
         if not path.exists():  # one noise field, rolled: fast enough for 160x192x160
             volume = np.clip(template + np.roll(noise, 7 * i, axis=0), 0, 255).astype(np.uint8)
-            sitk.WriteImage(array_to_image(volume), str(path))
+            write_image(path, array_to_image(volume))
         rows.append({"Subject": f"syn-{i:04d}", "Study": f"S{i % centers:02d}",
                      "Path": path.name, "Group_bin": i % 2, "Sex": "MF"[i % 2], "Age": 65})
     table = pd.DataFrame(rows)
     train, val = out / "train.csv", out / "val.csv"
-    table.iloc[:n_train].to_csv(train, index=False)
-    table.iloc[n_train:].to_csv(val, index=False)
+    write_csv(train, table.iloc[:n_train])
+    write_csv(val, table.iloc[n_train:])
     return train, val
 
 
 def run_mode(args) -> dict:
     """One QC run with timings, in this process; returns the JSON record."""
-    from dqc.runs import QCSpec, RunSpec, run_quality_control
+    from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control
     from dqc.timing import Timings
 
     timings = Timings()
@@ -68,11 +68,12 @@ def run_mode(args) -> dict:
                    cycles=range(args.start_cycle, args.start_cycle + args.cycles), seed=defaults.SEED,
                    encoder=args.en, classifier=args.pd, cache=not args.no_cache,
                    eval_batch_size=args.eval_batch_size, mixed_precision=args.mixed_precision,
-                   naive=args.naive, timings=timings, verbose=not args.quiet,
+                   verbose=not args.quiet,
                    echo=lambda line: print(line, file=sys.stderr))
     start = time.perf_counter()
     policy = run_quality_control(spec, QCSpec(val_csv=args.val, error=args.error,
-                                              revisit=args.revisit, name="bench"))
+                                              revisit=args.revisit, name="bench"),
+                                 probe=Probe(naive=args.naive, timings=timings))
     wall = time.perf_counter() - start
     log = pd.DataFrame(policy.state.log)
     qc_log = log[log.Cycle >= args.start_cycle]
@@ -141,6 +142,8 @@ def argparse_hidden() -> str:
 
 
 def main(argv=None):
+    from dqc.io import write_json
+
     args = parse_args(argv)
     if args.mode_name:  # child process: one mode
         print(json.dumps(run_mode(args)))
@@ -173,7 +176,7 @@ def main(argv=None):
         record = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(record)
         print(describe(record, args.cycles), flush=True)
-        (out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_json(out / "bench.json", results, indent=1)
     fast = next((r for r in results if r["mode"] == "fast"), None)
     for r in results:
         if fast is not None and r is not fast:

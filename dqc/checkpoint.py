@@ -9,18 +9,17 @@ The state file is written last: a cycle counts as complete only when all three e
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
 
 from dqc import authors
-from dqc.errors import DQCError
+from dqc.errors import DQCError, error_reason
+from dqc.io import write_model, write_npz
 from dqc.model import in_current_precision
 from dqc.trainer import Trainer
 
@@ -42,54 +41,14 @@ def state_path_for(classifier_path: str | Path) -> Path:
     return p.with_name(name + ".npz")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it into place.
-
-    A failed write (a full disk, a folder that is a file) leaves the old `path` as it was and
-    no temporary file behind, and is raised as a one-line `DQCError` naming `path`.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.",
-                                   suffix="".join(path.suffixes) or ".tmp", dir=path.parent)
-        os.close(fd)
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise DQCError(f"{path}: cannot write ({exc.strerror or exc}); the previous version, "
-                       "if any, is kept") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def save_cycle(trainer: Trainer, out: str | Path, prefix: str, cycle: int,
                meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write encoder, classifier and state of `cycle`; the state file last."""
     paths = cycle_paths(out, prefix, cycle)
     for part in ("encoder", "classifier"):
-        model = getattr(trainer, part)
-        atomic_write(paths[part], lambda tmp, m=model: m.save(tmp))
+        write_model(paths[part], getattr(trainer, part))
     record = {"cycle": cycle, **(meta or {})}
-    arrays = trainer.training_state()
-
-    def write_state(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(record)), **arrays)
-    atomic_write(paths["state"], write_state)
+    write_npz(paths["state"], {"meta": np.array(json.dumps(record)), **trainer.training_state()})
     return paths
 
 
@@ -101,8 +60,8 @@ def load_model_file(path: str | Path, what: str) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a bad file
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise DQCError(f"{path}: cannot load {what} model ({reason})") from None
+        raise DQCError(f"{path}: cannot load {what} model "
+                       f"({error_reason(exc, first_line=True)})") from None
 
 
 #: What a model file of ours looks like, for the error when a file is neither ours nor theirs.
@@ -145,13 +104,22 @@ def load_models(encoder_path: str | Path, classifier_path: str | Path
 
 def load_trainer(encoder_path: str | Path, classifier_path: str | Path,
                  **trainer_kwargs) -> tuple[Trainer, dict[str, Any]]:
-    """A Trainer from saved files, with the optimizer state when its state file exists.
+    """A Trainer from saved files, with the optimizer state when its state file exists
+    (`trainer_for` of `load_models`)."""
+    return trainer_for(load_models(encoder_path, classifier_path), classifier_path,
+                       **trainer_kwargs)
+
+
+def trainer_for(models: tuple[keras.Model, keras.Model, authors.AuthorsPair | None],
+                classifier_path: str | Path, **trainer_kwargs) -> tuple[Trainer, dict[str, Any]]:
+    """The Trainer of loaded models (`load_models`), with the optimizer state when its
+    state file exists beside `classifier_path`.
 
     Returns the trainer and the state's `meta` record ({} when there is no state file:
     then a fresh optimizer is used, with a warning). The authors' `.h5` pair carries its
     own Adam state; one printed line says what was taken over.
     """
-    encoder, classifier, pair = load_models(encoder_path, classifier_path)
+    encoder, classifier, pair = models
     trainer = Trainer(*in_current_precision(encoder, classifier), **trainer_kwargs)
     if pair is not None:
         print(authors.load_line(pair, authors.load_optimizer(pair, trainer.optimizer)))

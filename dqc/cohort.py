@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from scipy import ndimage
 from dqc.cli import Parser, run_main
 from dqc.data import image_to_array, read_image
 from dqc.errors import DQCError
+from dqc.io import write_csv, write_image, write_json
 from dqc.progress import progress
 
 #: The centered crop (x, y, z) in 1 mm voxels, before downsampling.
@@ -349,7 +349,7 @@ def _subjects(counts: np.ndarray, centers: list[Center], seed: int) -> pd.DataFr
 def _write_image(array: np.ndarray, reference: sitk.Image, path: Path) -> None:
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     image.CopyInformation(reference)
-    sitk.WriteImage(image, str(path), True)
+    write_image(path, image, compress=True)
 
 
 def build_cohort(out: Path, *, centers: int = 20, n_train: int = 200, n_val: int = 120,
@@ -379,7 +379,7 @@ def build_cohort(out: Path, *, centers: int = 20, n_train: int = 200, n_val: int
                      out / row.Path)
     result = {"params": params, **_write_tables(out, table)}
     result.update(_summary(tpl, sites, table))
-    (out / "cohort.json").write_text(json.dumps(_json_ready(result, out), indent=2) + "\n")
+    write_json(out / "cohort.json", _json_ready(result, out))
     result["cohort_json"] = out / "cohort.json"
     result["seconds"] = time.perf_counter() - started
     if verbose:
@@ -392,7 +392,7 @@ def _write_tables(out: Path, table: pd.DataFrame) -> dict[str, Path]:
     for split in SPLITS:
         part = table[table.split == split].sort_values("Subject")
         paths[split] = out / f"{split}.csv"
-        part[COLUMNS].to_csv(paths[split], index=False)
+        write_csv(paths[split], part[COLUMNS])
     return paths
 
 

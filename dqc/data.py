@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from dqc.errors import DQCError
+from dqc.errors import DQCError, error_reason
 from dqc.progress import progress
 
-#: Columns each use needs (ALGORITHM.md, "Data contract").
+#: Columns each use needs (docs/method.md, "Data contract").
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "train": ("Subject", "Study", "Path", "Group_bin"),
     "validation": ("Subject", "Path", "Group_bin"),
@@ -98,8 +98,8 @@ def _read_csv(csv: Path) -> pd.DataFrame:
         table = pd.read_csv(csv, sep=sep, encoding="utf-8-sig", dtype=str)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError,
             csv_module.Error) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise DQCError(f"{csv}: not a readable CSV ({reason})") from None
+        raise DQCError(f"{csv}: not a readable CSV ({error_reason(exc, first_line=True)})"
+                       ) from None
     table.columns = [str(c).strip() for c in table.columns]
     if table.empty:
         return table
@@ -181,11 +181,6 @@ def _itk_warnings_off() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def _reason(exc: Exception, default: str) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1][:160] if text else default
-
-
 def _header(path: str | Path, who: str) -> sitk.ImageFileReader:
     """A reader with the header read (no voxels yet); one-line errors for what is no image."""
     p = Path(path)
@@ -199,7 +194,7 @@ def _header(path: str | Path, who: str) -> sitk.ImageFileReader:
         with _itk_warnings_off():
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise DQCError(f"{who}: cannot read image ({_reason(exc, 'unreadable')})") from None
+        raise DQCError(f"{who}: cannot read image ({error_reason(exc, 'unreadable')})") from None
     return reader
 
 
@@ -343,7 +338,7 @@ def read_image(path: str | Path, subject: object = None,
         with _itk_warnings_off():
             image = reader.Execute()
     except RuntimeError as exc:
-        raise DQCError(f"{who}: cannot read image ({_reason(exc, 'unreadable')})") from None
+        raise DQCError(f"{who}: cannot read image ({error_reason(exc, 'unreadable')})") from None
     if image.GetDimension() == 4:
         image = image[:, :, :, 0]
     _check_finite(sitk.GetArrayViewFromImage(image).ravel(), size, who)

@@ -19,7 +19,6 @@ detectability.md (per group), detectability.json (summary), detectability.png (p
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,15 +411,14 @@ def validation_scorer(trainer: Trainer, val_table: pd.DataFrame,
 def write_outputs(out: str | Path, raw: pd.DataFrame, table: pd.DataFrame,
                   summary: dict) -> dict[str, Path]:
     """The five files, each written atomically."""
-    from dqc.checkpoint import write_text
+    from dqc.io import write_csv, write_json, write_text
     from dqc.plots import plot_detectability
-    from dqc.qc_report import write_csv
 
     paths = {k: Path(out) / name for k, name in OUTPUT_FILES.items()}
-    write_csv(raw, paths["raw"])
-    write_csv(table, paths["table"])
+    write_csv(paths["raw"], raw)
+    write_csv(paths["table"], table)
     write_text(paths["markdown"], markdown(table, summary))
-    write_text(paths["json"], json.dumps(_json_ready(summary), indent=2, allow_nan=False) + "\n")
+    write_json(paths["json"], _json_ready(summary), allow_nan=False)
     plot_detectability(raw, paths["plot"], summary["error"], summary["calibrated_error"],
                        summary["calibrated_loss_tolerance"])
     return paths

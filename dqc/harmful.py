@@ -9,10 +9,9 @@ leaves the image alone; the scenario flips the row's `Group_bin` instead (see `L
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ from scipy import ndimage
 
 from dqc.data import array_to_image, check_images, image_to_array, load_table, read_image
 from dqc.errors import DQCError
+from dqc.io import write_csv, write_image
 from dqc.progress import progress
 
 Generator = Callable[[sitk.Image, np.random.Generator], sitk.Image]
@@ -254,35 +254,13 @@ def check_types(types: Sequence[str]) -> list[str]:
     return names
 
 
-def _suffix(path: Path) -> str:
-    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-
-
-def write_image_atomic(image: sitk.Image, out_path: str | Path) -> Path:
-    """Write via a temp file in the same folder, then rename: no half-written image on a crash."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=_suffix(out))
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp)
-        os.replace(tmp, out)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "write failed"
-        raise DQCError(f"{out}: cannot write image ({reason})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
-
-
 def make_harmful(in_path: str | Path, out_path: str | Path, kind: str, seed: int = 0,
                  subject: object = None) -> Path:
     """Read one volume, apply harmful type `kind` with `np.random.default_rng(seed)`, write it."""
     (kind,) = check_types([kind])
     image = read_image(in_path, subject)  # the data layer's check (3D, scalar, finite)
     out = HARMFUL_TYPES[kind](image, np.random.default_rng(seed))
-    return write_image_atomic(out, out_path)
+    return write_image(out_path, out)  # atomic: no half-written image on a crash
 
 
 # --- scenarios -------------------------------------------------------------------------------
@@ -335,24 +313,32 @@ def _choose_whole(all_centers: list[str], whole_centers: int, centers: list[str]
     return [all_centers[int(i)] for i in picks]
 
 
-def build_scenario(train_csv: str | Path, out_dir: str | Path, *, whole_centers: int = 0,
-                   centers: list[str] | None = None, single_images: int = 0,
-                   types: Sequence[str] = ("inverted", "noise"), seed: int = 0,
-                   verbose: bool = True) -> Path:
-    """Write a training CSV with harmful data inserted, and the harmful images it points to.
+@dataclass(frozen=True)
+class HarmfulImage:
+    """One harmful file of a scenario: `kind` applied to `source`, written to `target`."""
 
-    Whole centers (`whole_centers` chosen at random, or the named `centers`): every image of
-    the center is replaced by a harmful version under the same Subject id; the types cycle per
-    center in order (center 1 all types[0], center 2 all types[1], ...).
+    source: str
+    target: Path
+    kind: str
+    subject: str
+    seed: int  # the generator's seed for this image (`_image_seed`)
 
-    Single images: `single_images` other (clean) centers, chosen at random, each receive ONE
-    new row `<subject>_harm_<type>`: a harmful copy of one of *that center's own* images (so
-    scanner/site traits match and only the corruption differs), types cycling per center.
 
-    Harmful rows get Harmful=1 and HarmfulType; label types flip Group_bin. Other rows are kept
-    as they are (Harmful=0 unless the input said otherwise). Writes `out_dir/train.csv` (images
-    in `out_dir/images/`, paths relative to `out_dir` when inside it) and returns its path.
-    """
+@dataclass(frozen=True)
+class ScenarioPlan:
+    """What a scenario writes: the training CSV's rows and the harmful images they point to."""
+
+    out_csv: Path
+    table: pd.DataFrame  # the CSV as written (Paths relative to its folder when inside it)
+    images: tuple[HarmfulImage, ...]
+
+
+def plan_scenario(train_csv: str | Path, out_dir: str | Path, *, whole_centers: int = 0,
+                  centers: list[str] | None = None, single_images: int = 0,
+                  types: Sequence[str] = ("inverted", "noise"), seed: int = 0,
+                  verbose: bool = True) -> ScenarioPlan:
+    """Check the request and choose the rows, types and files of `build_scenario`; writes
+    nothing (it reads the CSV and checks its images)."""
     types = check_types(list(types))
     if single_images < 0:
         raise DQCError(f"single_images must be >= 0, got {single_images}")
@@ -384,15 +370,17 @@ def build_scenario(train_csv: str | Path, out_dir: str | Path, *, whole_centers:
     result["HarmfulType"] = result["HarmfulType"].fillna("").astype(str)
     images = out_dir / "images"
     files: set[str] = set()
-    jobs: list[tuple[str, Path, str, str]] = []  # (source, target, kind, subject)
+    jobs: list[HarmfulImage] = []
+
+    def job(source: str, kind: str, subject: str) -> str:
+        target = images / _file_name(subject, files)
+        jobs.append(HarmfulImage(source, target, kind, subject, _image_seed(seed, subject)))
+        return str(target)
 
     for i, center in enumerate(whole):
         kind = types[i % len(types)]
         for row in np.flatnonzero((result.Study == center).to_numpy()):
-            subject = result.at[row, "Subject"]
-            target = images / _file_name(subject, files)
-            jobs.append((result.at[row, "Path"], target, kind, subject))
-            result.at[row, "Path"] = str(target)
+            result.at[row, "Path"] = job(result.at[row, "Path"], kind, result.at[row, "Subject"])
             result.at[row, "Harmful"] = 1
             result.at[row, "HarmfulType"] = kind
             if kind in LABEL_TYPES:
@@ -405,32 +393,49 @@ def build_scenario(train_csv: str | Path, out_dir: str | Path, *, whole_centers:
         donors = np.flatnonzero((table.Study == center).to_numpy())
         donor = table.iloc[int(donors[int(rng.integers(len(donors)))])].copy()
         subject = _new_subject(f"{donor.Subject}_harm_{kind}", subjects)
-        target = images / _file_name(subject, files)
-        jobs.append((donor.Path, target, kind, subject))
         row = donor.to_dict()
-        row.update(Subject=subject, Study=center, Path=str(target), Harmful=1, HarmfulType=kind)
+        row.update(Subject=subject, Study=center, Path=job(donor.Path, kind, subject),
+                   Harmful=1, HarmfulType=kind)
         if kind in LABEL_TYPES:
             row["Group_bin"] = 1 - int(row["Group_bin"])
         new_rows.append(row)
     if new_rows:
         result = pd.concat([result, pd.DataFrame(new_rows, columns=result.columns)],
                            ignore_index=True)
-
-    for source, target, kind, subject in progress(jobs, desc="harmful images",
-                                                  disable=not verbose):
-        make_harmful(source, target, kind, _image_seed(seed, subject), subject)
-
     result["Path"] = [_relative_if_inside(Path(p), out_dir) for p in result.Path]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".train.csv.", suffix=".csv")
-    os.close(fd)
-    try:
-        result.to_csv(tmp, index=False)
-        os.replace(tmp, out_csv)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out_csv
+    return ScenarioPlan(out_csv, result, tuple(jobs))
+
+
+def write_scenario(plan: ScenarioPlan, verbose: bool = True) -> Path:
+    """Make the plan's harmful images, then write its CSV (last, atomically); its path."""
+    for image in progress(list(plan.images), desc="harmful images", disable=not verbose):
+        make_harmful(image.source, image.target, image.kind, image.seed, image.subject)
+    write_csv(plan.out_csv, plan.table)
+    return plan.out_csv
+
+
+def build_scenario(train_csv: str | Path, out_dir: str | Path, *, whole_centers: int = 0,
+                   centers: list[str] | None = None, single_images: int = 0,
+                   types: Sequence[str] = ("inverted", "noise"), seed: int = 0,
+                   verbose: bool = True) -> Path:
+    """Write a training CSV with harmful data inserted, and the harmful images it points to.
+
+    Whole centers (`whole_centers` chosen at random, or the named `centers`): every image of
+    the center is replaced by a harmful version under the same Subject id; the types cycle per
+    center in order (center 1 all types[0], center 2 all types[1], ...).
+
+    Single images: `single_images` other (clean) centers, chosen at random, each receive ONE
+    new row `<subject>_harm_<type>`: a harmful copy of one of *that center's own* images (so
+    scanner/site traits match and only the corruption differs), types cycling per center.
+
+    Harmful rows get Harmful=1 and HarmfulType; label types flip Group_bin. Other rows are kept
+    as they are (Harmful=0 unless the input said otherwise). Writes `out_dir/train.csv` (images
+    in `out_dir/images/`, paths relative to `out_dir` when inside it) and returns its path.
+    The choice is `plan_scenario`'s; the writing `write_scenario`'s.
+    """
+    return write_scenario(plan_scenario(
+        train_csv, out_dir, whole_centers=whole_centers, centers=centers,
+        single_images=single_images, types=types, seed=seed, verbose=verbose), verbose)
 
 
 def _relative_if_inside(path: Path, folder: Path) -> str:

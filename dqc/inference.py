@@ -24,7 +24,7 @@ import pandas as pd
 
 from dqc import defaults
 from dqc.data import format_shape, load_table
-from dqc.errors import DQCError
+from dqc.errors import DQCError, error_reason
 from dqc.progress import progress
 from dqc.volumes import VolumeStore
 
@@ -179,9 +179,8 @@ def _load_stacked(encoder_path: Path, classifier_path: Path
     try:
         return stack(encoder, classifier), input_shape(encoder)
     except ValueError as exc:  # e.g. feature count mismatch
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "mismatch"
         raise DQCError(f"{classifier_path}: does not fit the encoder {encoder_path} "
-                       f"({reason})") from None
+                       f"({error_reason(exc, 'mismatch', first_line=True)})") from None
 
 
 def _scores(model: keras.Model, volumes: np.ndarray, batch_size: int) -> np.ndarray:
@@ -319,10 +318,10 @@ def output_paths(out: str | Path, name: str, plot: bool = False) -> dict[str, Pa
 def write_outputs(metrics: pd.DataFrame, predictions: pd.DataFrame,
                   paths: Mapping[str, Path]) -> None:
     """Write the tables (and the plot when `paths` has `plot`), each atomically."""
-    from dqc.qc_report import write_csv
+    from dqc.io import write_csv
 
-    write_csv(metrics, paths["metrics"])
-    write_csv(predictions, paths["predictions"])
+    write_csv(paths["metrics"], metrics)
+    write_csv(paths["predictions"], predictions)
     if "plot" in paths:
         from dqc.plots import plot_metrics
 

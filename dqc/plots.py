@@ -17,8 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dqc.checkpoint import atomic_write
 from dqc.data import image_to_array, read_image
+from dqc.io import atomic_write
 
 
 def _figure(figsize: tuple[float, float], **kwargs) -> Figure:

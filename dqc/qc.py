@@ -408,6 +408,10 @@ class QualityControl:
         self._log("n/a", "n/a", ev, Verdict(harmful=False))
         return ev
 
+    def start_cycle(self, cycle: int) -> None:
+        """A new cycle begins: its number goes into the log rows and the revisit schedule."""
+        self.cycle = cycle
+
     def waiting(self) -> set[str]:
         return {s for subjects in self.state.schedule.values() for s in subjects}
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dqc.checkpoint import atomic_write, write_text
+from dqc.io import write_csv, write_json
 from dqc.qc import Criterion, QualityControl
 
 IMAGE_COLUMNS = ["Subject", "Study", "times_flagged", "first_flagged_cycle", "revisit_cycle",
@@ -20,14 +19,10 @@ def log_frame(policy: QualityControl) -> pd.DataFrame:
     return pd.DataFrame(policy.state.log, columns=policy.criterion.log_columns())
 
 
-def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
 def write_log(policy: QualityControl, path: str | Path) -> None:
     """NAME.csv: one row per evaluation, baseline first (Cycle,Subject,Study,ACC,...); an
     undefined value (the baseline's statistic, say) is an empty cell."""
-    write_csv(log_frame(policy), path)
+    write_csv(path, log_frame(policy))
 
 
 def image_table(policy: QualityControl, train: pd.DataFrame) -> pd.DataFrame:
@@ -101,10 +96,10 @@ def write_outputs(policy: QualityControl, train: pd.DataFrame, out: Path, name: 
     """NAME.csv, NAME_images.csv and NAME_summary.json in `out`, each written atomically."""
     log = log_frame(policy)
     images = image_table(policy, train)
-    write_csv(log, out / f"{name}.csv")
-    write_csv(images, out / f"{name}_images.csv")
+    write_csv(out / f"{name}.csv", log)
+    write_csv(out / f"{name}_images.csv", images)
     summary = summarize(images, log, cycles, policy.criterion)
-    write_text(out / f"{name}_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / f"{name}_summary.json", summary)
     return summary
 
 

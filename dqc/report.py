@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dqc.checkpoint import atomic_write, write_text
+from dqc.io import write_bytes, write_csv, write_json, write_text
 from dqc.data import load_table
 from dqc.harmful import make_harmful
 from dqc.plots import plot_montage, plot_qc_log, plot_runs
@@ -184,7 +184,7 @@ def _shown(flag: bool) -> str:
 
 
 def _copy(source: Path, target: Path) -> None:
-    atomic_write(target, lambda tmp: tmp.write_bytes(source.read_bytes()))
+    write_bytes(target, source.read_bytes())
 
 
 def write_report(stages, scenarios: dict[str, str]) -> Path:
@@ -210,10 +210,10 @@ def write_report(stages, scenarios: dict[str, str]) -> Path:
     montage(out, report, c.types)
     det = stages.detectability
     _copy(det / "detectability.png", report / "detectability.png")
-    results.to_csv(report / "results.csv", index=False)
-    detection.to_csv(report / "detection.csv", index=False)
+    write_csv(report / "results.csv", results)
+    write_csv(report / "detection.csv", detection)
     result = summary(stages, scenarios)
-    write_text(report / "summary.json", json.dumps(result, indent=2) + "\n")
+    write_json(report / "summary.json", result)
     instrument = (det / "detectability.md").read_text().split("\n", 1)[1].strip()
     settings = {k: str(v) for k, v in asdict(c).items()}
     lines = [

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
+import keras
 import numpy as np
 import pandas as pd
 
@@ -51,13 +52,7 @@ class RunSpec:
     mixed_precision: bool = False
     verbose: bool = True
     echo: Callable[[str], None] = field(default=print)
-    naive: bool = False             # benchmark only: the authors' way (see dqc.bench)
-    timings: Timings | None = None  # where the time goes, for the benchmark
     lr_schedule: str = defaults.LR_SCHEDULE  # see trainer.cycle_learning_rate
-
-    def trainer_options(self) -> dict:
-        return {"eval_batch_size": 1 if self.naive else self.eval_batch_size,
-                "host_snapshots": self.naive}
 
     def schedule(self) -> Callable[[int], float]:
         """Cycle -> learning rate; a restart counts from the run's start cycle, not from
@@ -65,39 +60,68 @@ class RunSpec:
         return partial(cycle_learning_rate, first=self.cycles.start, schedule=self.lr_schedule)
 
 
-def _start(spec: RunSpec, table: pd.DataFrame) -> tuple[Trainer, int, dict]:
-    """The trainer to continue with, the first cycle to run and the state's meta record.
+@dataclass(frozen=True)
+class Probe:
+    """The benchmark's switches (`dqc.bench`), apart from what a run is: `naive` evaluates
+    the authors' way (every validation image read from disk, one at a time, snapshots
+    through the host); `timings` records where the time goes."""
 
-    A fresh model takes its input shape from `--image-shape` or the first training image.
+    naive: bool = False
+    timings: Timings | None = None
+
+    def trainer_options(self, spec: RunSpec) -> dict:
+        return {"eval_batch_size": 1 if self.naive else spec.eval_batch_size,
+                "host_snapshots": self.naive}
+
+    def clock(self) -> Timings:
+        return self.timings or Timings()
+
+
+#: The models a run starts from, and their authors' pair when they came from their files.
+Models = tuple[keras.Model, keras.Model, "object | None"]
+
+
+def _start(spec: RunSpec, table: pd.DataFrame, probe: Probe
+           ) -> tuple[Models, int, Callable[[], tuple[Trainer, dict]]]:
+    """The models to continue with, the first cycle to run, and the maker of their trainer
+    (with the state's meta record).
+
+    The models' input shape sizes the image stores, which read and check every image; the
+    trainer (compiling and tracing: the slow part) is made after that, so a bad image is
+    refused at once. A fresh model takes its input shape from `--image-shape` or the first
+    training image.
     """
+    options = probe.trainer_options(spec)
     last = checkpoint.last_complete_cycle(spec.out, spec.prefix) if spec.resume else None
     if last is not None and last >= spec.cycles.start:
         paths = checkpoint.cycle_paths(spec.out, spec.prefix, last)
-        trainer, meta = checkpoint.load_trainer(paths["encoder"], paths["classifier"],
-                                                **spec.trainer_options())
+        models = checkpoint.load_models(paths["encoder"], paths["classifier"])
         spec.echo(f"resuming after cycle {last} from {paths['state']}")
-        return trainer, last + 1, meta
+        return models, last + 1, partial(checkpoint.trainer_for, models, paths["classifier"],
+                                         **options)
     if spec.encoder or spec.classifier:
         if not (spec.encoder and spec.classifier):
             raise DQCError("give both -en (encoder) and -pd (classifier) model files")
-        trainer, meta = checkpoint.load_trainer(spec.encoder, spec.classifier,
-                                                **spec.trainer_options())
-        return trainer, spec.cycles.start, meta
+        models = checkpoint.load_models(spec.encoder, spec.classifier)
+        return models, spec.cycles.start, partial(checkpoint.trainer_for, models,
+                                                  spec.classifier, **options)
     shape = spec.image_shape
     if shape is None:
         first = table.iloc[0]
         shape = image_shape(first.Path, first.Subject, row_source(table, table.index[0]))
     encoder, classifier = build_models(shape, spec.arch)
-    return Trainer(encoder, classifier, **spec.trainer_options()), spec.cycles.start, {}
+    return (encoder, classifier, None), spec.cycles.start, \
+        lambda: (Trainer(encoder, classifier, **options), {})
 
 
-def _store(spec: RunSpec, trainer: Trainer, table: pd.DataFrame, desc: str) -> VolumeStore:
-    return VolumeStore(table, input_shape(trainer.encoder), cache=spec.cache and not spec.naive,
+def _store(spec: RunSpec, probe: Probe, models: Models, table: pd.DataFrame,
+           desc: str) -> VolumeStore:
+    return VolumeStore(table, input_shape(models[0]), cache=spec.cache and not probe.naive,
                        budget_mb=spec.cache_mb, desc=desc, verbose=spec.verbose)
 
 
-def _prefetch(spec: RunSpec, store: VolumeStore) -> Callable[[list[str]], None] | None:
-    return None if spec.naive else store.prefetch
+def _prefetch(probe: Probe, store: VolumeStore) -> Callable[[list[str]], None] | None:
+    return None if probe.naive else store.prefetch
 
 
 def _check_cycles(spec: RunSpec) -> None:
@@ -111,25 +135,52 @@ def _check_cycles(spec: RunSpec) -> None:
                        f"{spec.lr_schedule!r}")
 
 
-def train_cycles(spec: RunSpec) -> list[CycleStats]:
+def train_cycles(spec: RunSpec, probe: Probe = Probe()) -> list[CycleStats]:
     """Standard travelling model (fresh) or dirty baseline (from -en/-pd), no quality control."""
     setup_runtime(spec.seed, spec.mixed_precision)
     _check_cycles(spec)
     table = load_table(spec.train_csv, "train")
-    trainer, first, _ = _start(spec, table)
-    store = _store(spec, trainer, table, "training images")
-    centers = centers_of(table)
-    step = local_step(trainer, store, spec.timings)
+    models, first, make_trainer = _start(spec, table, probe)
+    store = _store(spec, probe, models, table, "training images")
+    trainer, _ = make_trainer()
+    step = local_step(trainer, store, probe.timings)
+    return run_cycles(spec, trainer, centers_of(table), range(first, spec.cycles.stop), step,
+                      _prefetch(probe, store), probe.clock())
+
+
+def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], cycles: range,
+               step: Step, prefetch: Callable[[list[str]], None] | None, clock: Timings,
+               policy: QualityControl | None = None, log: Path | None = None
+               ) -> list[CycleStats]:
+    """The one loop of every run: each cycle travels the centers, then is checkpointed
+    (atomically, so `--resume` continues after the last whole one) and reported in a line.
+
+    With a QC `policy` each update is verified (`policy.verify_batch` instead of `step`),
+    the cycle ends with the revisit pass, and the QC state and its log (`log`) are written
+    with the cycle; without, the cycle's batch losses are kept (a later QC run's trainloss
+    window starts with them).
+    """
     history = []
-    for cycle in range(first, spec.cycles.stop):
-        stats = run_cycle(trainer, centers, cycle, step, seed=spec.seed,
-                          batch_size=spec.batch_size, epochs=spec.epochs,
-                          prefetch=_prefetch(spec, store), verbose=spec.verbose,
-                          schedule=spec.schedule())
-        checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle,
-                              {"seed": spec.seed, "learning_rate": stats.learning_rate,
-                               "batch_losses": list(stats.batch_losses)})
-        spec.echo(stats.line())
+    for cycle in cycles:
+        with clock("cycle"):
+            if policy is not None:
+                policy.start_cycle(cycle)
+            stats = run_cycle(trainer, centers, cycle,
+                              step if policy is None else policy.verify_batch, seed=spec.seed,
+                              batch_size=spec.batch_size, epochs=spec.epochs,
+                              select=None if policy is None else policy.select,
+                              prefetch=prefetch, verbose=spec.verbose, schedule=spec.schedule())
+            if policy is not None:
+                policy.revisit_pass()
+        meta = {"seed": spec.seed, "learning_rate": stats.learning_rate}
+        if policy is None:
+            meta["batch_losses"] = list(stats.batch_losses)
+        else:
+            qc_report.write_log(policy, log)
+            meta["qc"] = policy.state.to_json()
+        checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle, meta)
+        spec.echo(stats.line() if policy is None
+                  else qc_report.cycle_line(policy, cycle, stats, clock.last("cycle")))
         history.append(stats)
     return history
 
@@ -249,16 +300,16 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                         evaluate: Callable[[Sequence[str]], Evaluation] | None = None, *,
                         train: pd.DataFrame | None = None,
                         make_step: StepFactory | None = None,
-                        verify: tuple[Validation, EvaluatorFactory] | None = None
-                        ) -> QualityControl:
-    """The travelling model with verification, revisit and elimination (ALGORITHM.md).
+                        verify: tuple[Validation, EvaluatorFactory] | None = None,
+                        probe: Probe = Probe()) -> QualityControl:
+    """Travelling model with verification, revisit, elimination (docs/method.md, "Quality control").
 
     `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
     Federated runs pass `train` (Subject, Study and optionally Harmful: no image paths) and
     `make_step`, because the training images stay on the centers' machines, and, when the
     centers verify each update on their own validation images, `verify`: what is known of
     that set and the evaluator of the centers' round; the validation CSV is then not read.
-    The loop, the policy and the outputs are this same code.
+    The loop, the policy and the outputs are this same code. `probe`: the benchmark's.
     """
     setup_runtime(spec.seed, spec.mixed_precision)
     if train is None:
@@ -269,21 +320,24 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     else:
         validation, make_evaluate = verify
     _check_qc_inputs(spec, qspec, validation)
-    trainer, first, meta = _start(spec, train)
-    if make_step is None:
-        store = _store(spec, trainer, train, "training images")
-        step, prefetch = local_step(trainer, store, spec.timings), _prefetch(spec, store)
+    models, first, make_trainer = _start(spec, train, probe)
+    store = None if make_step is not None else _store(spec, probe, models, train,
+                                                      "training images")
+    val_store = None if verify is not None or evaluate is not None else \
+        _store(spec, probe, models, val, "validation images")
+    trainer, meta = make_trainer()
+    if store is not None:
+        step, prefetch = local_step(trainer, store, probe.timings), _prefetch(probe, store)
     else:
         step, prefetch = make_step(trainer), None
     if verify is not None:
         evaluate = evaluate or make_evaluate(trainer)
     elif evaluate is None:
-        val_store = _store(spec, trainer, val, "validation images")
         evaluate = validation_evaluator(trainer, val_store, list(val.Subject),
-                                        qspec.legacy_rates, spec.timings,
-                                        on_device=not spec.naive)
+                                        qspec.legacy_rates, probe.timings,
+                                        on_device=not probe.naive)
     resumed = "qc" in meta and first > spec.cycles.start
-    clock = spec.timings or Timings()
+    clock = probe.clock()
     policy = QualityControl(step, evaluate, trainer.snapshot, trainer.restore,
                             criterion=qspec.rule(), revisit=qspec.revisit,
                             studies=dict(zip(train.Subject, train.Study)),
@@ -293,21 +347,9 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     if not resumed:
         with clock.paused():  # timings are of the cycles only
             policy.baseline()
-    centers = centers_of(train)
     out = Path(spec.out)
-    for cycle in range(first, spec.cycles.stop):
-        with clock("cycle"):
-            policy.cycle = cycle
-            stats = run_cycle(trainer, centers, cycle, policy.verify_batch, seed=spec.seed,
-                              batch_size=spec.batch_size, epochs=spec.epochs,
-                              select=policy.select, prefetch=prefetch,
-                              verbose=spec.verbose, schedule=spec.schedule())
-            policy.revisit_pass()
-        qc_report.write_log(policy, out / f"{qspec.name}.csv")
-        checkpoint.save_cycle(trainer, out, spec.prefix, cycle,
-                              {"seed": spec.seed, "learning_rate": stats.learning_rate,
-                               "qc": policy.state.to_json()})
-        spec.echo(qc_report.cycle_line(policy, cycle, stats, clock.last("cycle")))
+    run_cycles(spec, trainer, centers_of(train), range(first, spec.cycles.stop), step,
+               prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv")
     qc_report.write_outputs(policy, train, out, qspec.name, spec.cycles)
     spec.echo(qc_report.summary_table(policy, train))
     return policy

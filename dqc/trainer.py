@@ -57,9 +57,9 @@ class Trainer:
         self.optimizer.build(self.model.trainable_variables)
         self.eval_batch_size = eval_batch_size
         self.host_snapshots = host_snapshots  # the authors' way: copy weights to the host
-        self._warm_up()
+        self.warm_up()
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Trace training and prediction for a variable batch size before the first real step.
 
         TensorFlow retraces for a new batch shape and, from the second shape on, falls back to

@@ -7,7 +7,7 @@ import pytest
 from qc_setup import pretrained
 
 from dqc.checkpoint import cycle_paths
-from dqc.runs import QCSpec, RunSpec, run_quality_control
+from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control
 from dqc.timing import Timings
 
 
@@ -16,14 +16,15 @@ def cohort(tmp_path_factory):
     return pretrained(tmp_path_factory.mktemp("fast"), cycles=1, n_val=16)
 
 
-def qc(cohort, out, **options):
+def qc(cohort, out, naive=False, **options):
     timings = Timings()
     spec = RunSpec(train_csv=str(cohort["train"]), out=str(out), prefix="qc",
                    cycles=range(cohort["start"], cohort["start"] + 2), seed=42,
                    encoder=str(cohort["encoder"]), classifier=str(cohort["classifier"]),
-                   verbose=False, echo=lambda line: None, timings=timings, **options)
+                   verbose=False, echo=lambda line: None, **options)
     policy = run_quality_control(spec, QCSpec(val_csv=str(cohort["val"]), error=0.0,
-                                              revisit=1, name="qc"))
+                                              revisit=1, name="qc"),
+                                 probe=Probe(naive=naive, timings=timings))
     return pd.DataFrame(policy.state.log), policy.eliminated(), timings
 
 

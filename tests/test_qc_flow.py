@@ -2,7 +2,8 @@
 
 Everything is real (CSV, NIfTI, Keras training steps, snapshots, files) except the validation
 evaluation, which reports a rise in the false-negative rate whenever chosen subjects were in
-the update. An independent oracle, written from ALGORITHM.md, predicts every log row.
+the update. An independent oracle, written from docs/method.md, "Quality control", predicts
+every log row.
 """
 
 import json
@@ -44,7 +45,7 @@ class StandIn:
 
 
 def oracle(centers: dict[str, list[str]], stand_in: StandIn) -> list[tuple]:
-    """Expected (Cycle, Subject, Study, Ignored) rows, straight from ALGORITHM.md."""
+    """Expected (Cycle, Subject, Study, Ignored) rows, straight from docs/method.md."""
     study = {s: c for c, ids in centers.items() for s in ids}
     rows = [(0, "n/a", "n/a", 0)]
     schedule: dict[int, list[str]] = {}

@@ -26,6 +26,7 @@ from pathlib import Path
 from dqc.errors import DQCError
 from dqc.federated.server import check_server_inputs, server_config, specs_from_config
 from dqc.federated.simulate import rows_by_center, write_node_csvs
+from dqc.io import write_text
 
 #: The Flower app (its pyproject.toml and two components), installed inside the package.
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -252,9 +253,9 @@ def start_federation(work: Path, processes: Processes, port: int = 0) -> Federat
     port = port or free_port()
     home = Path(processes.env["FLWR_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{tls.ca}"\n')
+    write_text(home / "config.toml",
+               f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+               f'address = "127.0.0.1:{port}"\nroot-certificates = "{tls.ca}"\n')
     link = processes.start("superlink", [
         "flower-superlink", "--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert),
         "--ssl-keyfile", str(tls.key), "--enable-supernode-auth", "--host", "127.0.0.1",

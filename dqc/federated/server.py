@@ -283,7 +283,7 @@ def network_figures(fleet: Fleet, states_sent: int) -> dict:
 
 def serve(grid: Grid, config: dict) -> dict:
     """Run quality control with the nodes of `grid`; returns the network figures."""
-    from dqc.checkpoint import write_text
+    from dqc.io import write_text
     from dqc.runs import run_quality_control
 
     config = {**NETWORK_DEFAULTS, **config}

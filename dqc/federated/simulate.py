@@ -19,7 +19,7 @@ from flwr.app import Context
 if TYPE_CHECKING:
     import pandas as pd
 
-from dqc.checkpoint import atomic_write
+from dqc.io import write_csv
 from dqc.data import load_table
 from dqc.errors import DQCError
 from dqc.federated.node import NodeFiles, client_app, node_csv
@@ -62,7 +62,7 @@ def write_node_csvs(rows: list[CenterRows], folder: str | Path) -> list[tuple[Pa
         if val is not None:
             parts.append((folder / f"node_{i}_val.csv", val))
         for path, part in parts:
-            atomic_write(path, lambda tmp, part=part: part.to_csv(tmp, index=False))
+            write_csv(path, part)
         paths.append((parts[0][0], parts[1][0] if len(parts) > 1 else None))
     return paths
 
