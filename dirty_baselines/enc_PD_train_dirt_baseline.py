@@ -6,12 +6,8 @@ Shows how much harmful data hurts when nobody checks it:
         -pd ./path_pretrained_classifier -cycles 30 -epochs 1 -batch_size 5
 """
 
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-from dqc.cli import (Parser, add_lr_schedule_flag, add_run_flags, run_main,  # noqa: E402
-                     run_options)
+from dqc.cli import (Parser, add_batch_size_flag, add_lr_schedule_flag, add_run_flags,
+                     run_main, run_options)
 
 
 def parse_args(argv=None):
@@ -22,8 +18,7 @@ def parse_args(argv=None):
                    "its PREFIX_state_CCC.npz beside it carries the optimizer state")
     p.add_argument("-cycles", type=int, required=True, help="train cycles START..cycles-1")
     p.add_argument("-epochs", type=int, default=1, help="local epochs at each center")
-    p.add_argument("-batch_size", type=int, default=5, help="batch size (min(B, n) at a center "
-                   "of n images)")
+    add_batch_size_flag(p, help="batch size (min(B, n) at a center of n images)", default=5)
     p.add_argument("--start-cycle", type=int, default=10, help="first cycle (the pre-trained "
                    "model ends at START-1)")
     add_lr_schedule_flag(p)

@@ -11,24 +11,20 @@ same data, checks that both made the same decisions, and reports the speed-up.
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
 from dqc import defaults
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from dqc.cli import Parser, run_main  # noqa: E402
-from dqc.data import array_to_image, parse_shape  # noqa: E402
-from dqc.errors import DQCError  # noqa: E402
+from dqc.cli import Parser, run_main
+from dqc.data import array_to_image, parse_shape
+from dqc.errors import DQCError
 
 MODES = {"fast": [], "naive": ["--naive"], "nocache": ["--no-cache"],
          "mixed": ["--mixed-precision"]}
@@ -120,8 +116,10 @@ def parse_args(argv=None):
     p.add_argument("-pd", default=None, help="start from this classifier")
     p.add_argument("--cycles", type=int, default=1, help="QC cycles to time")
     p.add_argument("--start-cycle", type=int, default=defaults.START_CYCLE, help="cycle number of the first one")
-    p.add_argument("--error", type=float, default=defaults.ERROR, help="QC -error")
-    p.add_argument("--revisit", type=int, default=defaults.REVISIT, help="QC -revisit")
+    p.add_argument("-error", "--error", dest="error", type=float, default=defaults.ERROR,
+                   help="QC -error")
+    p.add_argument("-revisit", "--revisit", dest="revisit", type=int, default=defaults.REVISIT,
+                   help="QC -revisit")
     p.add_argument("--eval-batch-size", type=int, default=defaults.EVAL_BATCH_SIZE, help="validation batch size")
     p.add_argument("--modes", default="fast", help=f"comma list of {', '.join(MODES)}; each "
                    "runs in its own process")
@@ -168,7 +166,7 @@ def main(argv=None):
         command = [sys.executable, "-m", "dqc.bench", "--cohort", ".", "--mode-name", mode,
                    "--train", str(train), "--val", str(val), "--out", str(out),
                    "--cycles", str(args.cycles), "--start-cycle", str(args.start_cycle),
-                   "--error", str(args.error), "--revisit", str(args.revisit),
+                   "-error", str(args.error), "-revisit", str(args.revisit),
                    "--eval-batch-size", str(args.eval_batch_size), *MODES[mode]]
         command += ["-en", args.en, "-pd", args.pd] if args.en else []
         command += ["--quiet"] if args.quiet else []

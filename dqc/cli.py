@@ -1,4 +1,5 @@
-"""What every script shares: quiet TensorFlow, one-line errors and warnings, common flags."""
+"""What every script shares: `run_main` (the runtime setup; one-line errors and warnings), the
+parser, the common flags."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 from dqc import defaults
 from dqc.errors import DQCError
@@ -14,26 +15,31 @@ from dqc.qc import CRITERIA
 from dqc.runtime import BACKENDS, choose_backend
 
 
-def quiet_backend(argv: list[str] | None = None) -> None:
-    """Choose the Keras backend (`dqc.runtime`: --backend, KERAS_BACKEND, `make setup GPU=1`'s
-    choice, tensorflow) and silence TensorFlow's start-up chatter; call before keras is
-    imported. A backend that cannot start is one `error:` line and exit status 2."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        choose_backend(argv)
-    except DQCError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def run_main(main: Callable[[], object]) -> None:
-    """Run a script's main: a `DQCError` becomes `error: ...` on stderr and exit status 2."""
+def setup_process(argv: Sequence[str] | None = None) -> None:
+    """The runtime setup every entry point shares, done by `run_main` before its `main`:
+    warnings as one `warning:` line, TensorFlow's start-up chatter off, and the Keras backend
+    chosen (`dqc.runtime.choose_backend`: --backend, KERAS_BACKEND, `make setup GPU=1`'s
+    choice, tensorflow), which must happen before Keras is first imported. A backend that
+    cannot start raises `DQCError`. The dtype policy and seeds belong to a run
+    (`dqc.runtime.setup_runtime`, called where a run starts)."""
     warnings.showwarning = _one_line_warning
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    choose_backend(argv)
+
+
+def run_main(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
+    """Every entry point's `if __name__ == "__main__"`: `setup_process(argv)` (argv: the
+    command line, default sys.argv[1:]), then `main()`, then exit with its status. A
+    `DQCError` becomes `error: ...` on stderr and exit status 2; Ctrl-C exit status 130.
+
+    Scripts import only Keras-free modules at the top (this one, `dqc.errors`,
+    `dqc.defaults`, ...) and the Keras-using ones inside `main`, after parsing."""
     try:
+        setup_process(argv)
         status = main()
     except DQCError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -57,19 +63,22 @@ class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and usage errors as one `error:` line."""
+    """argparse with defaults shown in --help and usage errors as one `error:` line (after
+    the usage block, unless `usage_on_error=False`), exit status 2."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, usage_on_error: bool = True, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(**kwargs)
-        # read by `quiet_backend` before Keras starts; here for --help and to be accepted
+        self.usage_on_error = usage_on_error
+        # read by `run_main` (a pre-parse) before Keras starts; here for --help and to be accepted
         self.add_argument("--backend", choices=BACKENDS, default=None,
                           help="Keras backend (default: KERAS_BACKEND, else the one `make "
                                "setup GPU=1` chose, else tensorflow); the start line on stderr "
                                "names it with the device and precision")
 
     def error(self, message: str):  # noqa: D102 - argparse API
-        self.print_usage(sys.stderr)
+        if self.usage_on_error:
+            self.print_usage(sys.stderr)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -98,6 +107,14 @@ def add_run_flags(parser: argparse.ArgumentParser, seed: int, prefix: str | None
                              "hardware supports it, but QC decisions may differ slightly from "
                              "the float32 default")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_batch_size_flag(parser: argparse.ArgumentParser, help: str,
+                        default: int = defaults.BATCH_SIZE) -> None:
+    """The authors' `-batch_size`, in every script that takes a batch size (`--batch-size`,
+    an earlier spelling of ours, is accepted too)."""
+    parser.add_argument("-batch_size", "--batch-size", dest="batch_size", type=int,
+                        default=default, help=help)
 
 
 def add_lr_schedule_flag(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +156,7 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "heldout and combined, its tolerated rise for one update, in nats")
     p.add_argument("-fn_save", default="qc", help="NAME of the outputs: NAME.csv (log), "
                    "NAME_images.csv, NAME_summary.json and NAME_*_CCC model files")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="images per update")
+    add_batch_size_flag(p, help="images per update")
     p.add_argument("--start-cycle", type=int, default=defaults.START_CYCLE, help="first cycle (the pre-trained "
                    "model ends at START-1)")
     p.add_argument("--legacy-rates", action="store_true", help="the authors' denominators: "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
+from dqc.cli import Parser, run_main
 from dqc.data import image_to_array, read_image
 from dqc.errors import DQCError
 from dqc.io import write_csv, write_image, write_json
@@ -432,7 +432,7 @@ def summary_line(result: dict, out: Path) -> str:
 # --- command line ------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dqc.cohort", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m dqc.cohort", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path,
                    help="output folder (gets images/, train.csv, val.csv, test.csv, cohort.json)")
     p.add_argument("--centers", type=int, default=20, help="number of centers (default 20)")
@@ -453,14 +453,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        build_cohort(args.out, centers=args.centers, n_train=args.train, n_val=args.val,
-                     n_test=args.test, downsample=args.downsample, effect=args.effect,
-                     pd_fraction=args.pd_fraction, seed=args.seed, verbose=True)
-    except DQCError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    build_cohort(args.out, centers=args.centers, n_train=args.train, n_val=args.val,
+                 n_test=args.test, downsample=args.downsample, effect=args.effect,
+                 pd_fraction=args.pd_fraction, seed=args.seed, verbose=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,20 +14,15 @@ plots, summary.json) in OUT/report.
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
 from dqc import defaults
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from dqc import checkpoint  # noqa: E402
-from dqc.cli import Parser, run_main  # noqa: E402
-from dqc.errors import DQCError  # noqa: E402
+from dqc.cli import Parser, run_main
+from dqc.errors import DQCError
 
 
 @dataclass(frozen=True)
@@ -110,6 +105,8 @@ class Stages:
         return f"dirty_{kind}" if kind in self.own_type_runs() else "dirty_A"
 
     def pretrained(self) -> dict[str, Path]:
+        from dqc import checkpoint  # imports Keras: after run_main chose the backend
+
         return checkpoint.cycle_paths(self.run_dir("clean"), "tm", self.config.pretrain - 1)
 
     def runs(self) -> dict[str, tuple[Path, str]]:
@@ -149,9 +146,10 @@ class Stages:
                                 arch=Architecture(width=c.width, intensity=c.intensity)))
 
     def measure_detectability(self) -> None:
+        from dqc import checkpoint
         from dqc.data import load_table
         from dqc.detectability import run_instrument
-        from dqc.runs import setup_runtime
+        from dqc.runtime import setup_runtime
 
         c, p = self.config, self.pretrained()
         setup_runtime(c.seed)
@@ -224,6 +222,8 @@ class Stages:
 
     # --- the whole run -----------------------------------------------------------------
     def _dirty(self, scenario: str) -> None:
+        from dqc import checkpoint
+
         last = self.config.cycles - 1
         self.stage(f"scenario {scenario}", self.scenario_csv(scenario).is_file(),
                    lambda: self.build_scenario(scenario))
@@ -233,6 +233,8 @@ class Stages:
                    lambda: self.train_dirty(scenario))
 
     def run(self) -> None:
+        from dqc import checkpoint
+
         c = self.config
         last = c.cycles - 1
         self.stage("cohort", (self.cohort / "test.csv").is_file(), self.build_cohort)
@@ -279,7 +281,8 @@ def parse_args(argv=None):
                    "paper's SFCN)")
     p.add_argument("--intensity", choices=("raw", "zscore"), help=f"model input ({d.intensity})")
     p.add_argument("--pretrain", type=int, help=f"pre-training cycles ({d.pretrain})")
-    p.add_argument("--cycles", type=int, help=f"total cycles; runs end at cycles-1 ({d.cycles})")
+    p.add_argument("-cycles", "--cycles", dest="cycles", type=int,
+                   help=f"total cycles; runs end at cycles-1 ({d.cycles})")
     p.add_argument("-revisit", type=int, dest="revisit", help=f"QC revisit R ({d.revisit})")
     p.add_argument("-error", type=float, dest="error", help=f"QC error e of the paper's rule "
                    f"({d.error})")

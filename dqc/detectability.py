@@ -19,27 +19,22 @@ detectability.md (per group), detectability.json (summary), detectability.png (p
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
 from dqc import defaults
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from dqc.cli import Parser, check_positive, run_main  # noqa: E402
-from dqc.data import (check_shape, image_shape, image_to_array, load_table,  # noqa: E402
-                      read_image, require_both_classes)
-from dqc.errors import DQCError  # noqa: E402
-from dqc.harmful import HARMFUL_TYPES, LABEL_TYPES, _image_seed, check_types  # noqa: E402
-from dqc.progress import progress  # noqa: E402
-from dqc.qc import (TOLERANCE, Evaluation, evaluate_predictions, is_harmful,  # noqa: E402
-                    roc_auc)
+from dqc.cli import Parser, add_batch_size_flag, check_positive, run_main
+from dqc.data import (check_shape, image_shape, image_to_array, load_table, read_image,
+                      require_both_classes)
+from dqc.errors import DQCError
+from dqc.harmful import HARMFUL_TYPES, LABEL_TYPES, _image_seed, check_types
+from dqc.progress import progress
+from dqc.qc import TOLERANCE, Evaluation, evaluate_predictions, is_harmful, roc_auc
 
 if TYPE_CHECKING:
     from dqc.trainer import Trainer
@@ -162,7 +157,7 @@ def _no_candidates(group: str, kind: str, t: str, batch_size: int) -> str:
     what = "good images" if t == GOOD else f"{t} images (with the center's good ones)"
     if kind == "batch":
         return (f"group '{group}' has no candidates: no center has {batch_size} {what}; "
-                "lower --batch-size")
+                "lower -batch_size")
     return f"group '{group}' has no candidates: the training CSV has no {what}"
 
 
@@ -396,7 +391,7 @@ def markdown(table: pd.DataFrame, summary: dict) -> str:
 
 def check_settings(n: int, batch_size: int, error: float = 0.0) -> None:
     check_positive("-n", n)
-    check_positive("--batch-size", batch_size)
+    check_positive("-batch_size", batch_size)
     if error < 0:
         raise DQCError(f"-error must be 0 or more, got {error}")
 
@@ -492,7 +487,7 @@ def parse_args(argv=None):
                    f"fly from the good candidates' images ({', '.join(HARMFUL_TYPES)}); "
                    "default: the training CSV's Harmful rows by HarmfulType")
     p.add_argument("-n", type=int, default=20, help="candidates per group")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="images per batch candidate")
+    add_batch_size_flag(p, help="images per batch candidate")
     p.add_argument("-error", type=float, default=defaults.ERROR, help="the QC rule's e (flag a rise "
                    "of either rate by more than k * e)")
     p.add_argument("--cycle", type=int, default=defaults.START_CYCLE, help="train at this cycle's learning rate")
@@ -517,7 +512,7 @@ def main(argv=None) -> int:
     require_both_classes(val, args.fn_test)
     plan_candidates(train, types, args.n, args.batch_size, args.seed)  # fails before loading
     from dqc.checkpoint import load_trainer  # imports Keras: only once the inputs are checked
-    from dqc.runs import setup_runtime
+    from dqc.runtime import setup_runtime
 
     setup_runtime(args.seed)
     trainer, _ = load_trainer(args.en, args.pd, eval_batch_size=args.eval_batch_size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dqc.cli import Parser, quiet_backend, run_main
+from dqc.cli import Parser, add_batch_size_flag, run_main
 from dqc.errors import DQCError
 
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=".", help="folder for the two .h5 files")
     p.add_argument("--cycle", type=int, default=None,
                    help="cycle in the file names (default: from the classifier's name)")
-    p.add_argument("--batch-size", type=int, default=5, help="the BS<n> in their file names")
+    add_batch_size_flag(p, help="the BS<n> in their file names", default=5)
     return p.parse_args(argv)
 
 
@@ -43,7 +43,6 @@ def main(argv=None) -> int:
         if not match:
             raise DQCError(f"-pd {args.pd}: no cycle in its name; give --cycle")
         cycle = int(match[1])
-    quiet_backend()
     from dqc.authors import export_pair
     from dqc.checkpoint import load_trainer
     from dqc.trainer import learning_rate

@@ -2,7 +2,8 @@
 
 `find_cycle_models` pairs encoder and classifier files by cycle, `predict_cycles` scores one
 test table with every pair and computes `metrics.cohort_metrics` (overall, per sex, per age
-group), `write_outputs` writes NAME_metrics.csv / NAME_predictions.csv (and the plot).
+group), `write_outputs` writes NAME_metrics.csv / NAME_predictions.csv (and the plot,
+`dqc.plots.plot_metrics`).
 Keras, scikit-learn, matplotlib and the writers are imported only where needed, so that a bad
 flag, file or table fails in a second instead of after the TensorFlow start-up.
 """
@@ -295,34 +296,6 @@ def cycle_line(row: Mapping[str, object]) -> str:
                                         for key, label in SHOWN_METRICS)
 
 
-def plot_metrics(metrics: pd.DataFrame, path: str | Path, title: str | None = None) -> None:
-    """A PNG of accuracy, sensitivity, specificity, AUROC and F1 across cycles, y in [0, 1].
-
-    The x axis is the cycle (the row number when a cycle is unknown); written atomically.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    from dqc.io import atomic_write
-
-    cycles = pd.to_numeric(metrics.get("cycle", pd.Series(np.nan, index=metrics.index)),
-                           errors="coerce")
-    known = bool(len(cycles)) and bool(cycles.notna().all())
-    x = cycles.to_numpy(dtype=float) if known else np.arange(len(metrics))
-    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for key, label in SHOWN_METRICS:
-        axes.plot(x, metrics[key].to_numpy(dtype=float), marker="o", label=label, clip_on=False)
-    axes.set(title=title or "Test-set metrics per cycle", xlabel="cycle" if known else "model",
-             ylabel="metric value", ylim=(0, 1))
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-
-
 def output_paths(out: str | Path, name: str, plot: bool = False) -> dict[str, Path]:
     """Where `write_outputs` writes: OUT/NAME_metrics.csv, _predictions.csv (and _metrics.png).
 
@@ -350,5 +323,8 @@ def write_outputs(metrics: pd.DataFrame, predictions: pd.DataFrame,
     write_csv(paths["metrics"], metrics)
     write_csv(paths["predictions"], predictions)
     if "plot" in paths:
+        from dqc.plots import plot_metrics
+
         name = paths["plot"].stem.removesuffix("_metrics")
-        plot_metrics(metrics, paths["plot"], title=f"{name}: test-set metrics per cycle")
+        plot_metrics(metrics, paths["plot"], SHOWN_METRICS,
+                     title=f"{name}: test-set metrics per cycle")

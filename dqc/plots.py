@@ -1,23 +1,34 @@
-"""Pictures that say more than tables: metrics across cycles, the QC log, image montages."""
+"""Every picture the project draws, in one style: metrics across cycles, the QC log, image
+montages, the detectability spread.
+
+Drawn with matplotlib's object-oriented API, each `Figure` on its own Agg canvas: no pyplot,
+so importing this module picks no matplotlib backend and keeps no figure alive; every figure
+is written as a PNG at 110 dpi with tight bounds, atomically.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from dqc.io import atomic_write  # noqa: E402
-from dqc.data import image_to_array, read_image  # noqa: E402
+from dqc.data import image_to_array, read_image
+from dqc.io import atomic_write
 
 
-def _save(fig, path: str | Path) -> Path:
+def _figure(figsize: tuple[float, float], **kwargs) -> Figure:
+    figure = Figure(figsize=figsize, **kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
     return Path(path)
 
 
@@ -25,7 +36,8 @@ def plot_runs(metrics: dict[str, pd.DataFrame], path: str | Path,
               columns: tuple[str, ...] = ("accuracy", "auroc", "sensitivity", "specificity")
               ) -> Path:
     """Test metrics across cycles, one line per run (clean, dirty, QC, ...)."""
-    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.4), sharey=True)
+    fig = _figure((4 * len(columns), 3.4))
+    axes = fig.subplots(1, len(columns), sharey=True)
     for ax, column in zip(np.atleast_1d(axes), columns):
         for name, frame in metrics.items():
             ax.plot(frame["cycle"], frame[column], marker="o", ms=3, label=name)
@@ -46,7 +58,8 @@ def plot_qc_log(log: pd.DataFrame, images: pd.DataFrame, path: str | Path,
         log[column] = pd.to_numeric(log[column], errors="coerce")
     x = np.arange(len(log))
     shown = log.PFP.notna().to_numpy()
-    fig, ax = plt.subplots(figsize=(11, 3.6))
+    fig = _figure((11, 3.6))
+    ax = fig.subplots()
     ax.plot(x[shown], log.PFP[shown], lw=1, label="false-positive rate")
     ax.plot(x[shown], log.PFN[shown], lw=1, label="false-negative rate")
     at = log.PFN.ffill().fillna(0.0)  # markers of unevaluated rows: at the last known FNR
@@ -81,7 +94,8 @@ def middle_slice(path: str | Path) -> np.ndarray:
 
 def plot_montage(panels: list[tuple[str, str | Path]], path: str | Path) -> Path:
     """One middle slice per (title, image path), side by side, on a common 0..255 scale."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    fig = _figure((2.2 * len(panels), 2.6))
+    axes = fig.subplots(1, len(panels))
     for ax, (title, image) in zip(np.atleast_1d(axes), panels):
         ax.imshow(middle_slice(image), cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=9)
@@ -101,7 +115,8 @@ def plot_detectability(raw: pd.DataFrame, path: str | Path, error: float,
               ("own_loss", "candidate's own training loss"))
     groups = list(dict.fromkeys(raw.group))
     positions = np.arange(1, len(groups) + 1)
-    fig, axes = plt.subplots(2, 2, figsize=(max(10, 1.3 * len(groups)), 8))
+    fig = _figure((max(10, 1.3 * len(groups)), 8))
+    axes = fig.subplots(2, 2)
     axes = axes.ravel()
     jitter = np.random.default_rng(0)
     colors = ["C0" if (raw.loc[raw.group == g, "type"] == "good").all() else "C3" for g in groups]
@@ -133,4 +148,24 @@ def plot_detectability(raw: pd.DataFrame, path: str | Path, error: float,
         if singles:
             axes[1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_metrics(metrics: pd.DataFrame, path: str | Path, shown: Sequence[tuple[str, str]],
+                 title: str | None = None) -> Path:
+    """The test-set metrics across cycles, one line per (column, label) of `shown`, y in
+    [0, 1]. The x axis is the cycle (the row number when a cycle is unknown)."""
+    cycles = pd.to_numeric(metrics.get("cycle", pd.Series(np.nan, index=metrics.index)),
+                           errors="coerce")
+    known = bool(len(cycles)) and bool(cycles.notna().all())
+    x = cycles.to_numpy(dtype=float) if known else np.arange(len(metrics))
+    fig = _figure((7, 4.5), layout="constrained")
+    axes = fig.subplots()
+    for key, label in shown:
+        axes.plot(x, metrics[key].to_numpy(dtype=float), marker="o", label=label, clip_on=False)
+    axes.set(title=title or "Test-set metrics per cycle", xlabel="cycle" if known else "model",
+             ylabel="metric value", ylim=(0, 1))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     return _save(fig, path)

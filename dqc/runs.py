@@ -23,6 +23,7 @@ from dqc.errors import DQCError
 from dqc.model import Architecture, build_models, input_shape
 from dqc.qc import (CRITERIA, MIN_WINDOW, Criterion, Evaluation, QCState, QualityControl,
                     evaluate_predictions, per_image_tolerance_problems)
+from dqc.runtime import setup_runtime
 from dqc.trainer import LR_SCHEDULES, Trainer, cycle_learning_rate, predict_subjects
 from dqc.travel import CycleStats, Step, centers_of, local_step, run_cycle
 from dqc.timing import Timings
@@ -76,14 +77,6 @@ class Probe:
         return self.timings or Timings()
 
 
-def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
-    """Seed Keras/numpy/python and pick the compute precision (float32 unless asked)."""
-    # bfloat16 needs no loss scaling, so the optimizer state has the same variables in both
-    # precisions and a float32 checkpoint continues under mixed precision and back.
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
-    keras.utils.set_random_seed(seed)
-
-
 #: The models a run starts from, and their authors' pair when they came from their files.
 Models = tuple[keras.Model, keras.Model, "object | None"]
 
@@ -98,7 +91,6 @@ def _start(spec: RunSpec, table: pd.DataFrame, probe: Probe
     refused at once. A fresh model takes its input shape from `--image-shape` or the first
     training image.
     """
-    setup_runtime(spec.seed, spec.mixed_precision)
     options = probe.trainer_options(spec)
     last = checkpoint.last_complete_cycle(spec.out, spec.prefix) if spec.resume else None
     if last is not None and last >= spec.cycles.start:
@@ -145,6 +137,7 @@ def _check_cycles(spec: RunSpec) -> None:
 
 def train_cycles(spec: RunSpec, probe: Probe = Probe()) -> list[CycleStats]:
     """Standard travelling model (fresh) or dirty baseline (from -en/-pd), no quality control."""
+    setup_runtime(spec.seed, spec.mixed_precision)
     _check_cycles(spec)
     table = load_table(spec.train_csv, "train")
     models, first, make_trainer = _start(spec, table, probe)
@@ -318,6 +311,7 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     that set and the evaluator of the centers' round; the validation CSV is then not read.
     The loop, the policy and the outputs are this same code. `probe`: the benchmark's.
     """
+    setup_runtime(spec.seed, spec.mixed_precision)
     if train is None:
         train = load_table(spec.train_csv, "train")
     if verify is None:

@@ -1,8 +1,10 @@
 """The Keras backend in the open: chosen before Keras starts, named in one line when it does.
 
-Keras reads KERAS_BACKEND once, at its first import, so every entry point calls
-`dqc.cli.quiet_backend()` before importing anything that imports Keras; that reads `--backend`
-from the command line (a pre-parse: the scripts' parsers run later) and fixes the choice.
+Keras reads KERAS_BACKEND once, at its first import, so every entry point runs through
+`dqc.cli.run_main`, which calls `choose_backend` before the script's `main` imports anything
+that imports Keras; that reads `--backend` from the command line (a pre-parse: the scripts'
+parsers run later) and fixes the choice. A run then fixes its precision and seeds with
+`setup_runtime`, explicitly where it starts.
 Which backend, first match wins:
 
 1. `--backend NAME` on the command line;
@@ -70,6 +72,18 @@ def choose_backend(argv: Sequence[str] | None = None) -> str:
                        f"{source}) must be chosen before Keras is first imported")
     os.environ["KERAS_BACKEND"] = name
     return name
+
+
+def setup_runtime(seed: int, mixed_precision: bool = False) -> None:
+    """Seed Keras/numpy/python and pick the compute precision (float32 unless asked): global
+    Keras state, set by whoever starts a run (`dqc.runs.train_cycles`,
+    `dqc.runs.run_quality_control`, a federated node, the detectability instrument)."""
+    import keras
+
+    # bfloat16 needs no loss scaling, so the optimizer state has the same variables in both
+    # precisions and a float32 checkpoint continues under mixed precision and back.
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if mixed_precision else "float32")
+    keras.utils.set_random_seed(seed)
 
 
 def device_name(backend: str) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate harmful MRI volumes: one file (-i/-o/-type) or a whole training scenario (--csv/--out).
+"""Generate harmful MRI volumes: one file (-i/-o/--type) or a whole training scenario (--csv/--out).
 
 Thin wrapper: parses flags, calls `dqc.harmful`, prints one summary line. User errors print
 `error: <message>` on stderr and exit with status 2.
@@ -8,33 +8,19 @@ Thin wrapper: parses flags, calls `dqc.harmful`, prints one summary line. User e
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-try:
-    import dqc  # noqa: F401  (installed editable in the venv)
-except ImportError:  # run from a checkout without the install: use the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dqc.cli import run_main
+from dqc.cli import Parser, run_main
 from dqc.errors import DQCError
 from dqc.harmful import HARMFUL_DESCRIPTIONS, build_scenario, make_harmful, scenario_summary
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one `error:` line (no usage block), exit 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     types = "\n".join(f"  {name:<16} {text}" for name, text in HARMFUL_DESCRIPTIONS.items())
-    parser = _Parser(
+    parser = Parser(
+        usage_on_error=False,
         description="Simulate harmful MRI data for the travelling model's quality control.",
         epilog=("modes:\n"
-                "  single image: -i IN.nii.gz -o OUT.nii.gz -type TYPE [--seed N]\n"
+                "  single image: -i IN.nii.gz -o OUT.nii.gz --type TYPE [--seed N]\n"
                 "  scenario:     --csv train.csv --out DIR (--whole-centers K | --centers A,B)\n"
                 "                [--single-images M] [--types inverted,noise] [--seed N]\n\n"
                 f"harmful types:\n{types}"),
@@ -42,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     single = parser.add_argument_group("single image")
     single.add_argument("-i", "--input", help="input NIfTI volume to corrupt")
     single.add_argument("-o", "--output", help="where to write the harmful volume (.nii.gz)")
-    single.add_argument("-type", "--type", dest="kind",
+    single.add_argument("--type", "-type", dest="kind",
                         help="harmful type to apply (see the list below)")
     scenario = parser.add_argument_group("scenario")
     scenario.add_argument("--csv", help="training CSV (Subject, Study, Path, Group_bin, ...)")
@@ -73,9 +59,9 @@ def run(args: argparse.Namespace) -> str:
     single = any(v is not None for v in (args.input, args.output, args.kind))
     scenario = args.csv is not None or args.out is not None
     if single == scenario:
-        raise DQCError("give either -i/-o/-type (one image) or --csv/--out (a scenario)")
+        raise DQCError("give either -i/-o/--type (one image) or --csv/--out (a scenario)")
     if single:
-        missing = [f for f, v in (("-i", args.input), ("-o", args.output), ("-type", args.kind))
+        missing = [f for f, v in (("-i", args.input), ("-o", args.output), ("--type", args.kind))
                    if v is None]
         if missing:
             raise DQCError(f"single-image mode needs {', '.join(missing)}")
@@ -91,13 +77,9 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(run(args))
-    except DQCError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(run(args))
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main)  # one-line warnings too; main already turns a DQCError into exit 2
+    run_main(main)

@@ -8,11 +8,7 @@ or one model file each. Writes NAME_metrics.csv (one row per cycle) and NAME_pre
         -pd ./path_classifier -o filename_to_save
 """
 
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-from dqc.cli import Parser, run_main  # noqa: E402
+from dqc.cli import Parser, run_main
 
 
 def parse_args(argv=None):

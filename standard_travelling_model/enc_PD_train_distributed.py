@@ -5,14 +5,9 @@ Gives the clean baseline and the pre-trained model (the paper pre-trains cycles 
     python enc_PD_train_distributed.py -fn_train ./training_set.csv -cycles 30 -epochs 1 -batch_size 5
 """
 
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-from dqc import defaults  # noqa: E402
-from dqc.cli import Parser, add_run_flags, run_main, run_options  # noqa: E402
-from dqc.data import parse_shape  # noqa: E402
-from dqc.errors import DQCError  # noqa: E402
+from dqc.cli import Parser, add_batch_size_flag, add_run_flags, run_main, run_options
+from dqc.data import parse_shape
+from dqc.errors import DQCError
 
 
 def parse_args(argv=None):
@@ -22,8 +17,8 @@ def parse_args(argv=None):
     p.add_argument("-cycles", type=int, required=True, help="number of cycles; trains cycles "
                    "0..cycles-1, each visiting every center once")
     p.add_argument("-epochs", type=int, default=1, help="local epochs at each center")
-    p.add_argument("-batch_size", type=int, default=defaults.BATCH_SIZE, help="batch size; a center with fewer "
-                   "images uses all of them as one batch")
+    add_batch_size_flag(p, help="batch size; a center with fewer images uses all of them as "
+                        "one batch")
     p.add_argument("--image-shape", default=None, help="model input XxYxZ, e.g. 40x48x40 "
                    "(default: the size of the first image)")
     p.add_argument("--width", type=float, default=1.0, help="scale every filter count of the "

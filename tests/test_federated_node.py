@@ -52,7 +52,7 @@ def test_a_node_holds_one_center(cohort: dict):
 def _local_step(csv: Path, ids: list[str]):
     """The same step on this machine: a fresh model, one `train_on_batch`."""
     from dqc.model import build_models
-    from dqc.runs import setup_runtime
+    from dqc.runtime import setup_runtime
     from dqc.trainer import Trainer
     from dqc.volumes import VolumeStore
 

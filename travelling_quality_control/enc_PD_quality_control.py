@@ -8,11 +8,7 @@ undoes updates that raise the false-positive or false-negative rate by more than
         -cycles 30 -en ./path_encoder -pd ./path_classifier -revisit 2 -error 0.02 -fn_save filename
 """
 
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-from dqc.cli import Parser, add_qc_flags, qc_specs, run_main  # noqa: E402
+from dqc.cli import Parser, add_qc_flags, qc_specs, run_main
 
 
 def parse_args(argv=None):

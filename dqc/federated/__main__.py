@@ -10,12 +10,8 @@ worker:   a center's long-running trainer next to its SuperNode (start the Super
 app-dir:  the folder of the installed Flower app, for `flwr run APP_DIR CONNECTION`.
 """
 
-from dqc.cli import quiet_backend
-
-quiet_backend()
-
-from dqc.cli import Parser, add_qc_flags, run_main  # noqa: E402
-from dqc.federated.server import NETWORK_DEFAULTS, VERIFY_AT  # noqa: E402
+from dqc.cli import Parser, add_qc_flags, run_main
+from dqc.federated.server import NETWORK_DEFAULTS, VERIFY_AT
 
 
 def parse_args(argv=None):

@@ -155,11 +155,19 @@ def shared_trainer(shape: tuple[int, int, int]):
     """One compiled model per process and input shape, shared by the centers it serves:
     every step overwrites its whole state with the server's, so sharing changes nothing."""
     from dqc.model import build_models
-    from dqc.runs import setup_runtime
     from dqc.trainer import Trainer
 
-    setup_runtime(seed=0)  # float32; every random state arrives with the server's state
+    setup_node_runtime()
     return Trainer(*build_models(shape))
+
+
+def setup_node_runtime() -> None:
+    """The global Keras settings of a node process, set before it builds its model: float32
+    and seed 0. Nothing random is kept from them: every random state arrives with the
+    server's state, and a verification only predicts."""
+    from dqc.runtime import setup_runtime
+
+    setup_runtime(seed=0)
 
 
 @functools.lru_cache(maxsize=64)
