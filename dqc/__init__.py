@@ -7,8 +7,9 @@ Modules, one job each:
 - `defaults`: every default of the method and of the runs (e, R, batch size, seeds, criterion).
 - `errors`: `DQCError`, the one exception a script turns into one `error:` line.
 - `io`: atomic file writing (text, CSV, JSON, NIfTI, checkpoints); a library error's reason.
-- `runtime`: the Keras backend, chosen before Keras starts and named when it starts computing.
-- `cli`: what every script shares: backend quieting, one-line errors, the common flags.
+- `runtime`: the Keras backend, chosen before Keras starts and named when it starts computing;
+  `setup_runtime` (dtype policy and seeds), called first by every run.
+- `cli`: what every script shares: `run_main` (process setup, one-line errors), the common flags.
 - `progress`: progress bars (tqdm), silent when not wanted.
 - `timing`: named stopwatches summed over a run (where the time goes).
 - `data`: the data contract: CSV tables and the one image check for every NIfTI read.

@@ -13,11 +13,6 @@ import os
 import re
 import runpy
 import struct
-import subprocess
-import sys
-import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +22,8 @@ import SimpleITK as sitk
 
 from dqc.cohort import build_cohort
 from dqc.data import array_to_image
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT_DIR = ROOT / "standard_travelling_model"
-SCRIPT = SCRIPT_DIR / "enc_PD_train_distributed.py"
-TINY = dict(centers=4, n_train=24, n_val=12, n_test=8, downsample=8, seed=0)
-SHAPE = (20, 24, 20)
-MODEL_SUFFIXES = (".keras", ".npz", ".h5")
+from helpers import (QC_SCRIPT, ROOT, SCRIPT, SCRIPT_DIR, SUBPROCESS_BAD_CASES, TINY, BadCase,
+                     ScriptRuns, pretrained)
 
 
 # --- the cohort ------------------------------------------------------------------------------
@@ -46,20 +36,6 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 # --- bad inputs --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BadCase:
-    """A broken input: the CSV to give and a regex its one-line error must match.
-
-    A `fine` case is merely unusual: it must run, and `message` is then a regex its one-line
-    warning must match ("" when it runs silently).
-    """
-
-    csv: Path
-    message: str        # regex the error message must contain
-    table_error: bool   # True: load_table itself rejects it; False: only reading images does
-    fine: bool = False
-
 
 def _write(table: pd.DataFrame, path: Path) -> Path:
     table.to_csv(path, index=False)
@@ -255,78 +231,6 @@ def malformed_cases(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> d
 
 # --- script runs -------------------------------------------------------------------------------
 
-@dataclass
-class ScriptRun:
-    returncode: int
-    stdout: str
-    stderr: str
-    out: Path
-
-    def model_files(self) -> list[Path]:
-        if not self.out.exists():
-            return []
-        return sorted(p for p in self.out.rglob("*") if p.suffix in MODEL_SUFFIXES)
-
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
-
-
-def run_script(args: list[str], cwd: Path, out: Path, script: str | Path = SCRIPT,
-               timeout: float = 300) -> ScriptRun:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    return ScriptRun(done.returncode, done.stdout, done.stderr, out)
-
-
-@functools.lru_cache(maxsize=4)
-def _script_globals(script: Path = SCRIPT) -> dict:
-    """A script's module namespace (loaded once, not run as __main__)."""
-    return runpy.run_path(str(script), run_name="script_under_test")
-
-
-def call_script(argv: list[str], capsys: pytest.CaptureFixture, out: Path,
-                script_path: Path = SCRIPT) -> ScriptRun:
-    """Run the script's entry point in this process, exactly as `__main__` does.
-
-    `run_main(main)` always ends in `sys.exit`; the exit status, stdout and stderr come back
-    like a subprocess's, without paying for another TensorFlow import.
-    """
-    script = _script_globals(script_path)
-    saved = warnings.showwarning  # run_main installs a one-line warning printer
-    try:
-        with pytest.raises(SystemExit) as info:
-            script["run_main"](lambda: script["main"](argv))
-    finally:
-        warnings.showwarning = saved
-    captured = capsys.readouterr()
-    code = info.value.code
-    return ScriptRun(0 if code is None else int(code), captured.out, captured.err, out)
-
-
-class ScriptRuns:
-    """Named script runs, all started in a small thread pool; `get(name)` waits for one."""
-
-    def __init__(self, workers: int = 2):
-        self._pool = ThreadPoolExecutor(max_workers=workers)
-        self._runs: dict[str, Future] = {}
-
-    def submit(self, name: str, args: list[str], cwd: Path, out: Path,
-               script: str | Path = SCRIPT) -> None:
-        self._runs[name] = self._pool.submit(run_script, args, cwd, out, script)
-
-    def get(self, name: str) -> ScriptRun:
-        return self._runs[name].result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-#: Bad inputs also checked through a real subprocess (all of them are checked in-process
-#: through the script's `main`; a subprocess costs ~7 s of CPU for the TensorFlow import).
-SUBPROCESS_BAD_CASES = ("corrupt_image",)
-
-
 @pytest.fixture(scope="session")
 def script_runs(cohort: dict, bad_cases: dict[str, BadCase],
                 tmp_path_factory: pytest.TempPathFactory):
@@ -382,8 +286,6 @@ def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pre-training, so its updates' training loss is far above the others'), the training CSV
     listed by center name (a federation's order), and the single-machine run (cached per
     cycles and extra flags)."""
-    from qc_setup import QC_SCRIPT, pretrained
-
     root = tmp_path_factory.mktemp("federated")
     pre = pretrained(root, cycles=3, epochs=2, centers=4, n_train=24, n_val=12, n_test=6,
                      downsample=8, seed=0, effect=0.9)
@@ -410,23 +312,3 @@ def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "val": pd.read_csv(pre["val"], dtype={"Subject": str}),
             "val_dir": Path(pre["val"]).parent}
 
-
-def assert_same_qc_outputs(expected: Path, actual: Path, last_cycle: int) -> pd.DataFrame:
-    """Log, per-image table, summary, models and optimizer state are identical; the log."""
-    import json
-
-    import keras
-
-    log = pd.read_csv(expected / "qc.csv", keep_default_na=False)
-    pd.testing.assert_frame_equal(pd.read_csv(actual / "qc.csv", keep_default_na=False), log)
-    pd.testing.assert_frame_equal(pd.read_csv(actual / "qc_images.csv"),
-                                  pd.read_csv(expected / "qc_images.csv"))
-    assert json.loads((actual / "qc_summary.json").read_text()) == \
-        json.loads((expected / "qc_summary.json").read_text())
-    for part in ("encoder", "classifier"):
-        a, b = (keras.saving.load_model(d / f"qc_{part}_{last_cycle:03d}.keras", compile=False)
-                for d in (expected, actual))
-        assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
-    a, b = (np.load(d / f"qc_state_{last_cycle:03d}.npz") for d in (expected, actual))
-    assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("v"))
-    return log

@@ -14,8 +14,7 @@ import keras
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SCRIPT
-from qc_setup import QC_SCRIPT
+from helpers import QC_SCRIPT, ROOT, SCRIPT
 
 from dqc.cohort import build_cohort
 from dqc.errors import DQCError

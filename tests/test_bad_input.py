@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SCRIPT, BadCase, ScriptRun, call_script
+from helpers import ROOT, SCRIPT, BadCase, ScriptRun, call_script
 from dqc.errors import DQCError
 from dqc.runs import RunSpec, train_cycles
 from dqc.trainer import Trainer
-from qc_setup import QC_SCRIPT
+from helpers import QC_SCRIPT
 
 DIRTY = ROOT / "dirty_baselines" / "enc_PD_train_dirt_baseline.py"
 INFERENCE = ROOT / "inference" / "inference_pd_distributed.py"

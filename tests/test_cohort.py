@@ -13,8 +13,8 @@ import SimpleITK as sitk
 
 from dqc import cohort
 from dqc.data import image_to_array, load_table
+from helpers import TINY
 
-TINY = dict(centers=4, n_train=24, n_val=12, n_test=8, downsample=8, seed=0)
 SPLITS = ("train", "val", "test")
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from conftest import SHAPE, SUBPROCESS_BAD_CASES, call_script
+from helpers import SHAPE, SUBPROCESS_BAD_CASES, call_script
 from dqc.data import (array_to_image, check_shape, image_shape, image_to_array, load_table,
                       read_image, read_volume)
 from dqc.errors import DQCError

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, SHAPE, call_script
+from helpers import ROOT, SHAPE, call_script
 
 from dqc import checkpoint
 from dqc.data import load_table

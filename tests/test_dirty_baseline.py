@@ -6,7 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from qc_setup import ROOT, pretrained
+from helpers import ROOT, pretrained
 
 from dqc.harmful import build_scenario
 

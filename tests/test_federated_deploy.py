@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import assert_same_qc_outputs
+from helpers import assert_same_qc_outputs
 from dqc.federated.loopback import Processes, flower_env, make_node_key, start_federation
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -116,7 +116,7 @@ def test_worker_serves_the_same_answers_over_its_socket(node_csvs: list[Path],
 
 def test_simulate_with_a_bad_server_input_fails_in_one_line(cohort: dict, capsys,
                                                             tmp_path: Path):
-    from conftest import call_script
+    from helpers import call_script
 
     main = Path(__file__).resolve().parents[1] / "dqc" / "federated" / "__main__.py"
     run = call_script(["simulate", "-fn_train", str(cohort["train"]), "-fn_test",

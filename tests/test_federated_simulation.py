@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from conftest import assert_same_qc_outputs
+from helpers import assert_same_qc_outputs
 
 CYCLES = 5  # cycles 3..4 after the pre-trained 0..2
 FLAGS = ("--criterion", "trainloss", "--window", "10")

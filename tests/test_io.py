@@ -166,8 +166,7 @@ def test_cohort_builder_files(umask, tmp_path):
 
 
 def test_qc_script_files(federated_case, tmp_path, capsys):
-    from conftest import call_script
-    from qc_setup import QC_SCRIPT
+    from helpers import QC_SCRIPT, call_script
 
     out = tmp_path / "qc"
     old = os.umask(0o027)

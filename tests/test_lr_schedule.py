@@ -9,7 +9,7 @@ import runpy
 import keras
 import numpy as np
 import pytest
-from qc_setup import ROOT, pretrained
+from helpers import ROOT, pretrained
 
 from dqc import checkpoint
 from dqc.trainer import cycle_learning_rate

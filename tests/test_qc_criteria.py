@@ -286,8 +286,7 @@ def test_unknown_criterion_is_a_usage_error(capsys):
     (["--window", "9"], "--window must be at least 10"),
 ])
 def test_bad_criterion_parameters(flags, message, cohort, tmp_path, capsys):
-    from conftest import call_script
-    from qc_setup import QC_SCRIPT
+    from helpers import QC_SCRIPT, call_script
 
     argv = ["-fn_train", str(cohort["train"]), "-fn_test", str(cohort["val"]), "-cycles", "12",
             "-en", "none.keras", "-pd", "none.keras", "--out", str(tmp_path / "out"),
@@ -299,7 +298,7 @@ def test_bad_criterion_parameters(flags, message, cohort, tmp_path, capsys):
 
 
 def test_script_log_columns_per_criterion(federated_case):
-    from qc_setup import QC_SCRIPT
+    from helpers import QC_SCRIPT
 
     paper = pd.read_csv(federated_case["single"]() / "qc.csv")  # shared with the federated test
     assert list(paper.columns) == LOG_COLUMNS

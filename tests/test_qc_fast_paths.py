@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from qc_setup import pretrained
+from helpers import pretrained
 
 from dqc.checkpoint import cycle_paths
 from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control

@@ -12,7 +12,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from qc_setup import pretrained
+from helpers import pretrained
 
 from dqc.qc import LOG_COLUMNS, Evaluation
 from dqc.runs import QCSpec, RunSpec, run_quality_control

@@ -2,8 +2,7 @@
 
 import pandas as pd
 import pytest
-from conftest import call_script
-from qc_setup import QC_SCRIPT
+from helpers import QC_SCRIPT, call_script
 
 
 def run_qc(argv, capsys, tmp_path):

@@ -7,7 +7,7 @@ import time
 
 import pandas as pd
 import pytest
-from qc_setup import QC_SCRIPT, pretrained
+from helpers import QC_SCRIPT, pretrained
 
 CYCLES = 4  # QC cycles START..START+3
 

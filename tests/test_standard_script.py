@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import call_script
+from helpers import call_script
 from dqc import checkpoint
 from dqc.trainer import learning_rate
 

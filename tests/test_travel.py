@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import SHAPE
+from helpers import SHAPE
 from dqc import checkpoint
 from dqc.data import load_table
 from dqc.runs import RunSpec, train_cycles

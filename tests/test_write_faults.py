@@ -6,7 +6,7 @@ import errno
 
 import numpy as np
 
-from conftest import call_script
+from helpers import call_script
 from dqc.checkpoint import last_complete_cycle, read_state
 
 
