@@ -18,6 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dqc.cohort import build_cohort
+from dqc.runs import RunSpec, train_cycles
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DIR = ROOT / "standard_travelling_model"
 SCRIPT = SCRIPT_DIR / "enc_PD_train_distributed.py"
