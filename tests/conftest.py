@@ -13,6 +13,7 @@ import os
 import re
 import runpy
 import struct
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -154,26 +155,11 @@ def _nifti_defects(folder: Path, good: np.ndarray) -> dict[str, Path]:
     return files
 
 
-#: Image defects: None = merely unusual, runs (with the warning regex given, or silently);
-#: else the regex of the one-line refusal's reason.
-IMAGE_DEFECTS: dict[str, tuple[bool, str]] = {
-    "4d_real": (False, r"4D image with 2 volumes along its 4th axis"),
-    "4d_singleton": (True, r"4D image with a singleton 4th axis, read as 3D"),
-    "vector": (False, r"3 components per pixel"),
-    "complex": (False, r"complex pixels"),
-    "2d": (False, r"2D image \(size 20x24\); expected a 3D volume"),
-    "wild_range": (True, ""),
-    "nan": (False, r"1 voxel\(s\) are NaN or infinite \(first at x=3, y=4, z=5\)"),
-    "inf": (False, r"1 voxel\(s\) are NaN or infinite \(first at x=3, y=4, z=5\)"),
-    "short_data": (False, r"holds \d+ bytes of header and voxels, its header describes \d+ "
-                   r"\(truncated file\?\)"),
-    "zero_axis": (False, r"image size 20x24x1 has an axis of fewer than 2 voxels"),
-    "negative_spacing": (True, r"non-positive voxel spacing"),
-    "truncated_gzip": (False, r"truncated or corrupt gzip stream"),
-    "empty_file": (False, r"empty file \(0 bytes\)"),
-    "directory": (False, r"is a folder, not an image file"),
-    "odd_path": (True, ""),
-}
+def image_defects() -> dict[str, tuple[bool, str]]:
+    """Each image defect of the corpus: (merely unusual?, regex of its warning or refusal),
+    from tests/image_defects.toml (a table, kept as data)."""
+    table = tomllib.loads((Path(__file__).parent / "image_defects.toml").read_text())
+    return {name: (row["fine"], row["message"]) for name, row in table.items()}
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +179,7 @@ def malformed_cases(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> d
     good = sitk.GetArrayFromImage(sitk.ReadImage(base.Path[CORPUS_ROW])).transpose(2, 1, 0)
     files = _nifti_defects(folder, good.astype(np.float32))
     cases: dict[str, BadCase] = {}
-    for name, (fine, reason) in IMAGE_DEFECTS.items():
+    for name, (fine, reason) in image_defects().items():
         table = base.copy()
         table.loc[CORPUS_ROW, "Path"] = str(files[name])
         csv = _write(table, folder / f"{name}.csv")
