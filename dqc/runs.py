@@ -16,8 +16,8 @@ import keras
 import numpy as np
 import pandas as pd
 
-from dqc import defaults
-from dqc import checkpoint, qc_report
+from dqc import checkpoint, defaults, qc_report
+from dqc.authors import AuthorsPair
 from dqc.data import image_shape, load_table, require_both_classes, row_source
 from dqc.errors import DQCError
 from dqc.model import Architecture, build_models, input_shape
@@ -78,7 +78,7 @@ class Probe:
 
 
 #: The models a run starts from, and their authors' pair when they came from their files.
-Models = tuple[keras.Model, keras.Model, "object | None"]
+Models = tuple[keras.Model, keras.Model, AuthorsPair | None]
 
 
 def _start(spec: RunSpec, table: pd.DataFrame, probe: Probe
