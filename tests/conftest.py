@@ -243,6 +243,9 @@ def script_runs(cohort: dict, bad_cases: dict[str, BadCase],
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "jax: also run under KERAS_BACKEND=jax (make test's "
                             "second command: pytest -m jax)")
+    config.addinivalue_line("markers", "decisions: asserts QC decisions of real models (make "
+                            "test's third command runs these with TF_ENABLE_ONEDNN_OPTS=0: "
+                            "other convolution rounding, to shake out float-fragile asserts)")
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection

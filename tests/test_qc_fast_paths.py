@@ -10,6 +10,10 @@ from dqc.checkpoint import cycle_paths
 from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control
 from dqc.timing import Timings
 
+#: error 0 and a naive path that predicts one volume at a time: the most float-sensitive
+#: comparison of decisions in the suite (make test runs it again with oneDNN off)
+pytestmark = pytest.mark.decisions
+
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
