@@ -36,6 +36,14 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return build_cohort(out, verbose=False, **TINY)
 
 
+@pytest.fixture(scope="session")
+def pretrained_one(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny cohort of 6 centers (16 validation images) pre-trained one cycle, shared by
+    the runs that continue it (dirty baseline, learning-rate schedule, fast paths): they
+    read it and write elsewhere."""
+    return pretrained(tmp_path_factory.mktemp("pretrained_one"), cycles=1, n_val=16)
+
+
 # --- bad inputs --------------------------------------------------------------------------------
 
 def _write(table: pd.DataFrame, path: Path) -> Path:

@@ -6,7 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from helpers import ROOT, pretrained
+from helpers import ROOT
 
 from dqc.harmful import build_scenario
 
@@ -14,9 +14,9 @@ SCRIPT = ROOT / "dirty_baselines" / "enc_PD_train_dirt_baseline.py"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, pretrained_one):
     root = tmp_path_factory.mktemp("dirty")
-    cohort = pretrained(root, cycles=1)
+    cohort = pretrained_one
     dirty_csv = build_scenario(cohort["train"], root / "scenario", whole_centers=1,
                                types=["inverted"], seed=0, verbose=False)
     # the authors' README command line, paths aside (the pre-trained model ends at cycle 9

@@ -9,7 +9,7 @@ import runpy
 import keras
 import numpy as np
 import pytest
-from helpers import ROOT, pretrained
+from helpers import ROOT
 
 from dqc import checkpoint
 from dqc.trainer import cycle_learning_rate
@@ -35,9 +35,9 @@ def test_restart_keeps_the_loaded_rate_then_decays_from_the_start_cycle():
         cycle_learning_rate(3, 0, "warm")
 
 
-def test_dirty_script_trains_each_cycle_at_the_restarted_rate(tmp_path):
+def test_dirty_script_trains_each_cycle_at_the_restarted_rate(tmp_path, pretrained_one):
     """Cycles 5 and 6, then cycle 7 after --resume: 1e-4 * exp(-0.5), exp(-0.1), exp(-0.2)."""
-    cohort = pretrained(tmp_path, cycles=1)
+    cohort = pretrained_one
     out = tmp_path / "dirty"
     main = runpy.run_path(str(SCRIPT))["main"]
     common = ["-fn_train", str(cohort["train"]), "-en", str(cohort["encoder"]),

@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import pretrained
 
 from dqc.checkpoint import cycle_paths
 from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control
@@ -16,8 +15,8 @@ pytestmark = pytest.mark.decisions
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    return pretrained(tmp_path_factory.mktemp("fast"), cycles=1, n_val=16)
+def cohort(pretrained_one):
+    return pretrained_one
 
 
 def qc(cohort, out, naive=False, **options):

@@ -7,9 +7,9 @@ import time
 
 import pandas as pd
 import pytest
-from helpers import QC_SCRIPT, pretrained
+from helpers import QC_SCRIPT
 
-CYCLES = 4  # QC cycles START..START+3
+CYCLES = 3  # QC cycles START..START+2: killed in START+1, resumed there
 
 
 def qc_command(cohort: dict, out, *extra: str) -> list[str]:
@@ -22,9 +22,9 @@ def qc_command(cohort: dict, out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, pretrained_one):
     root = tmp_path_factory.mktemp("resume")
-    cohort = pretrained(root, cycles=2, n_val=16)
+    cohort = pretrained_one
     start = cohort["start"]
     whole = subprocess.Popen(qc_command(cohort, root / "whole"), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
