@@ -124,7 +124,8 @@ def add_batch_size_flag(parser: argparse.ArgumentParser, help: str,
 
 def add_lr_schedule_flag(parser: argparse.ArgumentParser) -> None:
     """For runs that continue a pre-trained model (dirty baseline, QC)."""
-    parser.add_argument("--lr-schedule", choices=("continue", "restart"), default=defaults.LR_SCHEDULE,
+    parser.add_argument("--lr-schedule", choices=defaults.LR_SCHEDULES,
+                        default=defaults.LR_SCHEDULE,
                         help="continue: cycle c trains at 1e-4 * exp(-0.1 c); restart (the "
                         "authors' dirty/QC scripts): the first cycle keeps the loaded rate "
                         "1e-4 * exp(-0.1 START), each later cycle c trains at "

@@ -40,7 +40,7 @@ class RunSpec:
     cycles: range
     seed: int
     batch_size: int = defaults.BATCH_SIZE
-    epochs: int = 1
+    epochs: int = defaults.EPOCHS
     encoder: str | None = None      # continue from these files (dirty / QC runs)
     classifier: str | None = None
     image_shape: tuple[int, int, int] | None = None
