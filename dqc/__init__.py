@@ -8,8 +8,11 @@ Modules, one job each:
 - `errors`: `DQCError`, the one exception a script turns into one `error:` line.
 - `io`: atomic file writing (text, CSV, JSON, NIfTI, checkpoints); a library error's reason.
 - `runtime`: the Keras backend, chosen before Keras starts and named when it starts computing;
-  `setup_runtime` (dtype policy and seeds), called first by every run.
+  the quiet start (TensorFlow's start-up lines left out); `setup_runtime` (dtype policy and
+  seeds), called first by every run.
 - `cli`: what every script shares: `run_main` (process setup, one-line errors), the common flags.
+- `commands`: the installed commands (`dqc-train`, `dqc-qc`, ...; pyproject.toml).
+- `scripts`: the five folder scripts' code (package: `train`, `dirty`, `qc`, `infer`, `harmful`).
 - `progress`: progress bars (tqdm), silent when not wanted.
 - `timing`: named stopwatches summed over a run (where the time goes).
 - `data`: the data contract: CSV tables and the one image check for every NIfTI read.
@@ -32,6 +35,7 @@ Modules, one job each:
 - `bench`: `python -m dqc.bench`: where a QC cycle's time goes, fast path against naive.
 - `demo`: `python -m dqc.demo`: the paper's experiment end to end on the embedded cohort.
 - `report`: the demo's report (README.md with the findings, summary.json) from its files.
+- `readme`: README.md's demo figures, generated from the demo's summary.json (`make docs`).
 - `federated`: quality control across machines on Flower (package):
   - `federated.__main__`: `python -m dqc.federated simulate|deploy|worker|app-dir`.
   - `federated.messages`: what travels between server and node, and nothing else.

@@ -59,10 +59,8 @@ def synthetic_cohort(out: Path, n_train: int, n_val: int, shape: tuple[int, int,
 
 def run_mode(args) -> dict:
     """One QC run with timings, in this process; returns the JSON record."""
-    from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control
-    from dqc.timing import Timings
+    from dqc.runs import QCSpec, RunSpec, authors_way, run_quality_control
 
-    timings = Timings()
     out = Path(args.out) / args.mode_name
     spec = RunSpec(train_csv=args.train, out=str(out), prefix="bench",
                    cycles=range(args.start_cycle, args.start_cycle + args.cycles), seed=defaults.SEED,
@@ -70,10 +68,11 @@ def run_mode(args) -> dict:
                    eval_batch_size=args.eval_batch_size, mixed_precision=args.mixed_precision,
                    verbose=not args.quiet,
                    echo=lambda line: print(line, file=sys.stderr))
+    spec = authors_way(spec) if args.naive else spec
+    timings = spec.execution.timings
     start = time.perf_counter()
     policy = run_quality_control(spec, QCSpec(val_csv=args.val, error=args.error,
-                                              revisit=args.revisit, name="bench"),
-                                 probe=Probe(naive=args.naive, timings=timings))
+                                              revisit=args.revisit, name="bench"))
     wall = time.perf_counter() - start
     log = pd.DataFrame(policy.state.log)
     qc_log = log[log.Cycle >= args.start_cycle]

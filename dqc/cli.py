@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 from dqc import defaults
 from dqc.errors import DQCError
 from dqc.qc import CRITERIA
-from dqc.runtime import BACKENDS, choose_backend
+from dqc.runtime import BACKENDS, VERBOSE_ENV, choose_backend, quiet_start, wants_verbose
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -21,13 +21,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def setup_process(argv: Sequence[str] | None = None) -> None:
     """The runtime setup every entry point shares, done by `run_main` before its `main`:
-    warnings as one `warning:` line, TensorFlow's start-up chatter off, and the Keras backend
-    chosen (`dqc.runtime.choose_backend`: --backend, KERAS_BACKEND, `make setup GPU=1`'s
-    choice, tensorflow), which must happen before Keras is first imported. A backend that
-    cannot start raises `DQCError`. The dtype policy and seeds belong to a run
+    warnings as one `warning:` line, TensorFlow's start-up lines off unless `--verbose` or
+    DQC_VERBOSE=1 (`dqc.runtime.quiet_start`), and the Keras backend chosen
+    (`dqc.runtime.choose_backend`: --backend, KERAS_BACKEND, `make setup GPU=1`'s choice,
+    tensorflow), which must happen before Keras is first imported. A backend that cannot
+    start raises `DQCError`. The dtype policy and seeds belong to a run
     (`dqc.runtime.setup_runtime`, called where a run starts)."""
     warnings.showwarning = _one_line_warning
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_start(wants_verbose(sys.argv[1:] if argv is None else argv, os.environ))
     choose_backend(argv)
 
 
@@ -75,6 +76,10 @@ class Parser(argparse.ArgumentParser):
                           help="Keras backend (default: KERAS_BACKEND, else the one `make "
                                "setup GPU=1` chose, else tensorflow); the start line on stderr "
                                "names it with the device and precision")
+        # read by `run_main` too (before TensorFlow starts)
+        self.add_argument("--verbose", action="store_true",
+                          help=f"keep TensorFlow's start-up lines on stderr (also "
+                               f"{VERBOSE_ENV}=1)")
 
     def error(self, message: str):  # noqa: D102 - argparse API
         if self.usage_on_error:
@@ -119,7 +124,8 @@ def add_batch_size_flag(parser: argparse.ArgumentParser, help: str,
 
 def add_lr_schedule_flag(parser: argparse.ArgumentParser) -> None:
     """For runs that continue a pre-trained model (dirty baseline, QC)."""
-    parser.add_argument("--lr-schedule", choices=("continue", "restart"), default=defaults.LR_SCHEDULE,
+    parser.add_argument("--lr-schedule", choices=defaults.LR_SCHEDULES,
+                        default=defaults.LR_SCHEDULE,
                         help="continue: cycle c trains at 1e-4 * exp(-0.1 c); restart (the "
                         "authors' dirty/QC scripts): the first cycle keeps the loaded rate "
                         "1e-4 * exp(-0.1 START), each later cycle c trains at "

@@ -17,6 +17,10 @@ EVAL_BATCH_SIZE = 16
 START_CYCLE = 10
 #: Cycle c shuffles centers and images with SEED + c (the authors' seed).
 SEED = 42
+#: The seed of a fresh model's run (standard travelling model, the demo's pre-training).
+PRETRAIN_SEED = 40
+#: Local epochs at each center.
+EPOCHS = 1
 #: What makes an update harmful, and the other criteria's parameters (`dqc.qc.Criterion`).
 CRITERION = "rates"
 ALPHA = 0.05
@@ -24,3 +28,5 @@ Z = 3.0
 WINDOW = 50
 #: The learning rate of a continued run (`dqc.trainer.cycle_learning_rate`).
 LR_SCHEDULE = "continue"
+#: The learning-rate schedules there are (`dqc.trainer.cycle_learning_rate` says what each does).
+LR_SCHEDULES = ("continue", "restart")

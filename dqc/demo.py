@@ -141,7 +141,7 @@ class Stages:
         c = self.config
         train_cycles(self._spec(train_csv=str(self.cohort / "train.csv"),
                                 out=str(self.run_dir("clean")), prefix="tm",
-                                cycles=range(0, c.cycles), seed=40,
+                                cycles=range(0, c.cycles), seed=defaults.PRETRAIN_SEED,
                                 batch_size=c.pretrain_batch_size,
                                 arch=Architecture(width=c.width, intensity=c.intensity)))
 

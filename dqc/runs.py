@@ -1,13 +1,13 @@
 """The three training runs of the paper, wired from the shared pieces.
 
 `train_cycles` is the standard travelling model (fresh model) and the dirty baseline (loaded
-model); `run_quality_control` adds the QC policy. All use `travel.run_cycle`, write each cycle
+model); `run_quality_control` adds the QC policy. All use `travel.travel_cycle`, write each cycle
 atomically through `checkpoint.save_cycle`, and resume from the last complete cycle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,9 +25,33 @@ from dqc.qc import (CRITERIA, MIN_WINDOW, Criterion, Evaluation, QCState, Qualit
                     evaluate_predictions, per_image_tolerance_problems)
 from dqc.runtime import setup_runtime
 from dqc.trainer import LR_SCHEDULES, Trainer, cycle_learning_rate, predict_subjects
-from dqc.travel import CycleStats, Step, centers_of, local_step, run_cycle
+from dqc.travel import CycleStats, Step, centers_of, local_step, travel_cycle
 from dqc.timing import Timings
 from dqc.volumes import VolumeStore
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run computes, apart from what it computes (the decisions are the same either
+    way), beyond `RunSpec.cache` and `eval_batch_size`: chosen once, by whoever builds the
+    `RunSpec` (`dqc.bench` sets the authors' way to compare with the default fast path).
+
+    Parameters
+    ----------
+    prefetch:
+        Read the next batch's images in the background while the current one trains.
+    validation_on_device:
+        Move a cached validation set to the device once; else read it at every evaluation.
+    host_snapshots:
+        Undo through weights copied to the host (the authors' way) instead of on the device.
+    timings:
+        The run's stopwatches: where its time goes.
+    """
+
+    prefetch: bool = True
+    validation_on_device: bool = True
+    host_snapshots: bool = False
+    timings: Timings = field(default_factory=Timings)
 
 
 @dataclass
@@ -40,7 +64,7 @@ class RunSpec:
     cycles: range
     seed: int
     batch_size: int = defaults.BATCH_SIZE
-    epochs: int = 1
+    epochs: int = defaults.EPOCHS
     encoder: str | None = None      # continue from these files (dirty / QC runs)
     classifier: str | None = None
     image_shape: tuple[int, int, int] | None = None
@@ -53,6 +77,7 @@ class RunSpec:
     verbose: bool = True
     echo: Callable[[str], None] = field(default=print)
     lr_schedule: str = defaults.LR_SCHEDULE  # see trainer.cycle_learning_rate
+    execution: Execution = field(default_factory=Execution)  # how it computes, not what
 
     def schedule(self) -> Callable[[int], float]:
         """Cycle -> learning rate; a restart counts from the run's start cycle, not from
@@ -60,28 +85,20 @@ class RunSpec:
         return partial(cycle_learning_rate, first=self.cycles.start, schedule=self.lr_schedule)
 
 
-@dataclass(frozen=True)
-class Probe:
-    """The benchmark's switches (`dqc.bench`), apart from what a run is: `naive` evaluates
-    the authors' way (every validation image read from disk, one at a time, snapshots
-    through the host); `timings` records where the time goes."""
-
-    naive: bool = False
-    timings: Timings | None = None
-
-    def trainer_options(self, spec: RunSpec) -> dict:
-        return {"eval_batch_size": 1 if self.naive else spec.eval_batch_size,
-                "host_snapshots": self.naive}
-
-    def clock(self) -> Timings:
-        return self.timings or Timings()
+def authors_way(spec: RunSpec) -> RunSpec:
+    """`spec` computed the authors' way, what `dqc.bench --naive` times against the fast
+    path: every image read from disk at every use, each validation image predicted alone,
+    undo through the host. Same decisions, same timings object."""
+    return replace(spec, cache=False, eval_batch_size=1,
+                   execution=Execution(prefetch=False, validation_on_device=False,
+                                       host_snapshots=True, timings=spec.execution.timings))
 
 
 #: The models a run starts from, and their authors' pair when they came from their files.
 Models = tuple[keras.Model, keras.Model, AuthorsPair | None]
 
 
-def _start(spec: RunSpec, table: pd.DataFrame, probe: Probe
+def _start(spec: RunSpec, table: pd.DataFrame
            ) -> tuple[Models, int, Callable[[], tuple[Trainer, dict]]]:
     """The models to continue with, the first cycle to run, and the maker of their trainer
     (with the state's meta record).
@@ -91,7 +108,8 @@ def _start(spec: RunSpec, table: pd.DataFrame, probe: Probe
     refused at once. A fresh model takes its input shape from `--image-shape` or the first
     training image.
     """
-    options = probe.trainer_options(spec)
+    options = {"eval_batch_size": spec.eval_batch_size,
+               "host_snapshots": spec.execution.host_snapshots}
     last = checkpoint.last_complete_cycle(spec.out, spec.prefix) if spec.resume else None
     if last is not None and last >= spec.cycles.start:
         paths = checkpoint.cycle_paths(spec.out, spec.prefix, last)
@@ -114,14 +132,16 @@ def _start(spec: RunSpec, table: pd.DataFrame, probe: Probe
         lambda: (Trainer(encoder, classifier, **options), {})
 
 
-def _store(spec: RunSpec, probe: Probe, models: Models, table: pd.DataFrame,
-           desc: str) -> VolumeStore:
-    return VolumeStore(table, input_shape(models[0]), cache=spec.cache and not probe.naive,
+def _store(spec: RunSpec, models: Models, table: pd.DataFrame, desc: str) -> VolumeStore:
+    return VolumeStore(table, input_shape(models[0]), cache=spec.cache,
                        budget_mb=spec.cache_mb, desc=desc, verbose=spec.verbose)
 
 
-def _prefetch(probe: Probe, store: VolumeStore) -> Callable[[list[str]], None] | None:
-    return None if probe.naive else store.prefetch
+def _local_step(spec: RunSpec, trainer: Trainer, store: VolumeStore
+                ) -> tuple[Step, Callable[[list[str]], None] | None]:
+    """A training step on this machine's images, and the prefetch of the next batch."""
+    return (local_step(trainer, store, spec.execution.timings),
+            store.prefetch if spec.execution.prefetch else None)
 
 
 def _check_cycles(spec: RunSpec) -> None:
@@ -135,17 +155,17 @@ def _check_cycles(spec: RunSpec) -> None:
                        f"{spec.lr_schedule!r}")
 
 
-def train_cycles(spec: RunSpec, probe: Probe = Probe()) -> list[CycleStats]:
+def train_cycles(spec: RunSpec) -> list[CycleStats]:
     """Standard travelling model (fresh) or dirty baseline (from -en/-pd), no quality control."""
     setup_runtime(spec.seed, spec.mixed_precision)
     _check_cycles(spec)
     table = load_table(spec.train_csv, "train")
-    models, first, make_trainer = _start(spec, table, probe)
-    store = _store(spec, probe, models, table, "training images")
+    models, first, make_trainer = _start(spec, table)
+    store = _store(spec, models, table, "training images")
     trainer, _ = make_trainer()
-    step = local_step(trainer, store, probe.timings)
+    step, prefetch = _local_step(spec, trainer, store)
     return run_cycles(spec, trainer, centers_of(table), range(first, spec.cycles.stop), step,
-                      _prefetch(probe, store), probe.clock())
+                      prefetch, spec.execution.timings)
 
 
 def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], cycles: range,
@@ -165,11 +185,11 @@ def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], c
         with clock("cycle"):
             if policy is not None:
                 policy.start_cycle(cycle)
-            stats = run_cycle(trainer, centers, cycle,
-                              step if policy is None else policy.verify_batch, seed=spec.seed,
-                              batch_size=spec.batch_size, epochs=spec.epochs,
-                              select=None if policy is None else policy.select,
-                              prefetch=prefetch, verbose=spec.verbose, schedule=spec.schedule())
+            stats = travel_cycle(trainer, centers, cycle,
+                                 step if policy is None else policy.verify_batch, seed=spec.seed,
+                                 batch_size=spec.batch_size, epochs=spec.epochs,
+                                 select=None if policy is None else policy.select,
+                                 prefetch=prefetch, verbose=spec.verbose, schedule=spec.schedule())
             if policy is not None:
                 policy.revisit_pass()
         meta = {"seed": spec.seed, "learning_rate": stats.learning_rate}
@@ -296,48 +316,64 @@ StepFactory = Callable[[Trainer], Step]
 EvaluatorFactory = Callable[[Trainer], Callable[[Sequence[str]], Evaluation]]
 
 
+@dataclass(frozen=True)
+class Federation:
+    """What a federated run swaps in (`dqc.federated.server`), because the images stay on
+    the centers' machines.
+
+    Parameters
+    ----------
+    train:
+        The training images' Subject, Study and optionally Harmful: no image paths.
+    make_step:
+        "Train one step at center X" as a round trip to that center's node.
+    verify:
+        When the centers verify each update on their own validation images: what is known
+        of that set, and the evaluator of the centers' round (the validation CSV is then
+        not read); None: the server verifies on `-fn_test`.
+    """
+
+    train: pd.DataFrame
+    make_step: StepFactory
+    verify: tuple[Validation, EvaluatorFactory] | None = None
+
+
 def run_quality_control(spec: RunSpec, qspec: QCSpec,
                         evaluate: Callable[[Sequence[str]], Evaluation] | None = None, *,
-                        train: pd.DataFrame | None = None,
-                        make_step: StepFactory | None = None,
-                        verify: tuple[Validation, EvaluatorFactory] | None = None,
-                        probe: Probe = Probe()) -> QualityControl:
+                        federation: Federation | None = None) -> QualityControl:
     """Travelling model with verification, revisit, elimination (docs/method.md, "Quality control").
 
-    `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
-    Federated runs pass `train` (Subject, Study and optionally Harmful: no image paths) and
-    `make_step`, because the training images stay on the centers' machines, and, when the
-    centers verify each update on their own validation images, `verify`: what is known of
-    that set and the evaluator of the centers' round; the validation CSV is then not read.
-    The loop, the policy and the outputs are this same code. `probe`: the benchmark's.
+    `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in);
+    a federated run passes its `federation`. The loop, the policy and the outputs are this
+    same code; how it computes is `spec.execution`.
     """
     setup_runtime(spec.seed, spec.mixed_precision)
-    if train is None:
-        train = load_table(spec.train_csv, "train")
+    train = load_table(spec.train_csv, "train") if federation is None else federation.train
+    make_step = None if federation is None else federation.make_step
+    verify = None if federation is None else federation.verify
     if verify is None:
         val = load_table(qspec.val_csv, "validation")
         validation = Validation.of_table(val, train, qspec.val_csv)
     else:
         validation, make_evaluate = verify
     _check_qc_inputs(spec, qspec, validation)
-    models, first, make_trainer = _start(spec, train, probe)
-    store = None if make_step is not None else _store(spec, probe, models, train,
-                                                      "training images")
+    models, first, make_trainer = _start(spec, train)
+    store = None if make_step is not None else _store(spec, models, train, "training images")
     val_store = None if verify is not None or evaluate is not None else \
-        _store(spec, probe, models, val, "validation images")
+        _store(spec, models, val, "validation images")
     trainer, meta = make_trainer()
     if store is not None:
-        step, prefetch = local_step(trainer, store, probe.timings), _prefetch(probe, store)
+        step, prefetch = _local_step(spec, trainer, store)
     else:
         step, prefetch = make_step(trainer), None
+    clock = spec.execution.timings
     if verify is not None:
         evaluate = evaluate or make_evaluate(trainer)
     elif evaluate is None:
         evaluate = validation_evaluator(trainer, val_store, list(val.Subject),
-                                        qspec.legacy_rates, probe.timings,
-                                        on_device=not probe.naive)
+                                        qspec.legacy_rates, clock,
+                                        on_device=spec.execution.validation_on_device)
     resumed = "qc" in meta and first > spec.cycles.start
-    clock = probe.clock()
     policy = QualityControl(step, evaluate, trainer.snapshot, trainer.restore,
                             criterion=qspec.rule(), revisit=qspec.revisit,
                             studies=dict(zip(train.Subject, train.Study)),

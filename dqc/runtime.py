@@ -16,22 +16,39 @@ Which backend, first match wins:
 The start line (`backend: jax on NVIDIA H100 80GB HBM3, float32`) goes to stderr when the
 backend first computes (a `Trainer` is built, or inference loads its first model): after the
 inputs and model files are checked, so a refused input still gives one error line only.
+
+A quiet start (`quiet_start`): TensorFlow's C++ start-up lines (absl's "All log messages
+before absl::InitializeLog()", oneDNN's and the CPU feature guard's notes) are printed while
+`import tensorflow` runs, before TF_CPP_MIN_LOG_LEVEL is honoured, so that import runs with
+the process's stderr caught and only other lines passed on. `--verbose` or DQC_VERBOSE=1
+keeps every line.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import importlib.util
 import os
+import re
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from types import ModuleType
+from typing import Iterator, Mapping, Sequence
 
 from dqc.errors import DQCError
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_BACKEND = "tensorflow"
 BACKEND_FILE = "keras-backend"  # in sys.prefix; written by `make setup GPU=1`
+VERBOSE_ENV = "DQC_VERBOSE"     # 1: TensorFlow's start-up lines stay (as --verbose)
+#: What TensorFlow's import prints through absl before logging is set up: absl's own note,
+#: its `I0000 00:00:... file.cc:N]` lines, and the CPU feature guard's second line.
+_START_UP_NOISE = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)"
+                             r"|[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
+                             r"|To enable the following instructions: ")
 _INSTALL_HINT = {"tensorflow": "make setup", "jax": "make setup (CPU) or make setup GPU=1",
                  "torch": "pip install torch"}
 
@@ -72,6 +89,86 @@ def choose_backend(argv: Sequence[str] | None = None) -> str:
                        f"{source}) must be chosen before Keras is first imported")
     os.environ["KERAS_BACKEND"] = name
     return name
+
+
+def wants_verbose(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """`--verbose` on the command line (before any `--`) or DQC_VERBOSE set and not 0."""
+    args = list(argv)
+    args = args[:args.index("--")] if "--" in args else args
+    return "--verbose" in args or environ.get(VERBOSE_ENV, "0").strip() not in ("", "0")
+
+
+def quiet_start(verbose: bool) -> None:
+    """Unless `verbose`: TensorFlow's C++ logging at warnings and above only
+    (TF_CPP_MIN_LOG_LEVEL 2, unless set), and its first import with its start-up lines left
+    out (module docstring). Nothing is imported here: a run that never needs TensorFlow
+    (`--help`, the cohort) pays nothing."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules and not any(
+            isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds `tensorflow` through the other finders and runs its import with stderr caught;
+    leaves `sys.meta_path` when that import runs (a mere `find_spec` keeps it there)."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: D102 - importlib API
+        if name != "tensorflow":
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _CaughtLoader(spec.loader, self)
+                return spec
+        return None
+
+
+class _CaughtLoader(importlib.abc.Loader):
+    """The real loader, whose `exec_module` runs inside `_start_up_lines_dropped`; the
+    module keeps the real loader afterwards."""
+
+    def __init__(self, loader: importlib.abc.Loader, finder: _QuietTensorFlowImport):
+        self.loader = loader
+        self.finder = finder
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):  # noqa: D102 - importlib API
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:  # noqa: D102 - importlib API
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
+        module.__loader__ = module.__spec__.loader = self.loader
+        with _start_up_lines_dropped():
+            self.loader.exec_module(module)
+
+
+@contextmanager
+def _start_up_lines_dropped() -> Iterator[None]:
+    """File descriptor 2 goes to a temporary file meanwhile (C++ writes there, not to
+    `sys.stderr`); afterwards every caught line but TensorFlow's start-up lines is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _START_UP_NOISE.match(line))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def setup_runtime(seed: int, mixed_precision: bool = False) -> None:

@@ -18,9 +18,7 @@ from dqc.runtime import announce
 from dqc.timing import Timings
 
 BASE_LEARNING_RATE = 1e-4
-
-
-LR_SCHEDULES = ("continue", "restart")
+LR_SCHEDULES = defaults.LR_SCHEDULES
 
 
 def learning_rate(cycle: int, base: float = BASE_LEARNING_RATE) -> float:
@@ -28,7 +26,8 @@ def learning_rate(cycle: int, base: float = BASE_LEARNING_RATE) -> float:
     return base * math.exp(-0.1 * cycle)
 
 
-def cycle_learning_rate(cycle: int, first: int, schedule: str = "continue") -> float:
+def cycle_learning_rate(cycle: int, first: int,
+                        schedule: str = defaults.LR_SCHEDULE) -> float:
     """The rate of `cycle` in a run that started at cycle `first`.
 
     continue: `learning_rate(cycle)`. restart (the authors' dirty and QC scripts): the first

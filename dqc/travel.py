@@ -110,11 +110,11 @@ class CycleStats:
                 f"{self.seconds:.1f} s")
 
 
-def run_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step: Step, *,
-              seed: int, batch_size: int, epochs: int = 1, select: Select | None = None,
-              prefetch: Callable[[list[str]], None] | None = None,
-              verbose: bool = True,
-              schedule: Callable[[int], float] = learning_rate) -> CycleStats:
+def travel_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, step: Step, *,
+                 seed: int, batch_size: int, epochs: int = 1, select: Select | None = None,
+                 prefetch: Callable[[list[str]], None] | None = None,
+                 verbose: bool = True,
+                 schedule: Callable[[int], float] = learning_rate) -> CycleStats:
     """One cycle of the travelling model: set the cycle's learning rate, visit every center.
 
     `schedule(cycle)` gives the rate (see `trainer.cycle_learning_rate`).

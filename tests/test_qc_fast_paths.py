@@ -6,8 +6,7 @@ import pandas as pd
 import pytest
 
 from dqc.checkpoint import cycle_paths
-from dqc.runs import Probe, QCSpec, RunSpec, run_quality_control
-from dqc.timing import Timings
+from dqc.runs import QCSpec, RunSpec, authors_way, run_quality_control
 
 #: error 0 and a naive path that predicts one volume at a time: the most float-sensitive
 #: comparison of decisions in the suite (make test runs it again with oneDNN off)
@@ -20,15 +19,14 @@ def cohort(pretrained_one):
 
 
 def qc(cohort, out, naive=False, **options):
-    timings = Timings()
     spec = RunSpec(train_csv=str(cohort["train"]), out=str(out), prefix="qc",
                    cycles=range(cohort["start"], cohort["start"] + 2), seed=42,
                    encoder=str(cohort["encoder"]), classifier=str(cohort["classifier"]),
                    verbose=False, echo=lambda line: None, **options)
+    spec = authors_way(spec) if naive else spec
     policy = run_quality_control(spec, QCSpec(val_csv=str(cohort["val"]), error=0.0,
-                                              revisit=1, name="qc"),
-                                 probe=Probe(naive=naive, timings=timings))
-    return pd.DataFrame(policy.state.log), policy.eliminated(), timings
+                                              revisit=1, name="qc"))
+    return pd.DataFrame(policy.state.log), policy.eliminated(), spec.execution.timings
 
 
 def final_weights(out, cycle):

@@ -3,7 +3,8 @@
 The server (a Flower ServerApp) holds the model state, the validation set and the QC
 bookkeeping, and runs the very same loop and policy as the single-machine script
 (`dqc.runs.run_quality_control`); only "train one step at center X" is a network round trip.
-Each center's node (a Flower ClientApp) is a stateless trainer over its own images.
+Each center's node (a Flower ClientApp) trains on its own images from the state the server
+names (it caches the last states it saw, so a digest can stand for one).
 
 - `messages`: what travels, and nothing else (no image, no image path).
 - `node`: a center's side: who it is, one training step on ids it holds.

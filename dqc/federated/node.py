@@ -1,10 +1,13 @@
 """A center's side of the federation: its images, one training step on them, and the
 verification of an update on its own validation images.
 
-The node is a stateless trainer: every step starts from the state the server sends, so the
-server can undo an update by simply not adopting the reply. The images and their paths stay
-here; the node answers only with ids, label counts, model states and its validation images'
-tally (counts, and what the QC criterion needs). It refuses ids it does not hold.
+Every step starts from the state the server names, so the server can undo an update by
+simply not adopting the reply. The node keeps state of its own: its images, its compiled
+model, and the last model states it was sent and sent back (a cache: the server may then
+send a digest instead of the state; a node without the named state says so). The images
+and their paths stay here; the node answers only with ids, label counts, model states and
+its validation images' tally (counts, and what the QC criterion needs). It refuses ids it
+does not hold.
 """
 
 from __future__ import annotations

@@ -284,7 +284,7 @@ def network_figures(fleet: Fleet, states_sent: int) -> dict:
 def serve(grid: Grid, config: dict) -> dict:
     """Run quality control with the nodes of `grid`; returns the network figures."""
     from dqc.io import write_text
-    from dqc.runs import run_quality_control
+    from dqc.runs import Federation, run_quality_control
 
     config = {**NETWORK_DEFAULTS, **config}
     verify_at = str(config["verify-at"])
@@ -313,7 +313,7 @@ def serve(grid: Grid, config: dict) -> dict:
         validation, holders = centers_validation(identities)
         verify = (validation, lambda trainer: RemoteVerify(
             fleet, trainer, holders, qspec.rule().evaluation_detail(), qspec.legacy_rates))
-    run_quality_control(spec, qspec, train=table, make_step=make_step, verify=verify)
+    run_quality_control(spec, qspec, federation=Federation(table, make_step, verify))
     figures = {"verify_at": verify_at, **network_figures(fleet, steps[0].states_sent)}
     write_text(Path(spec.out) / f"{qspec.name}_network.json", json.dumps(figures, indent=2))
     spec.echo(f"{figures['updates']} remote updates, median {figures['median_update_s'] or 0:.3f} s"
