@@ -489,8 +489,8 @@ def test_unknown_criterion_is_a_usage_error(capsys):
     (["--window", "9", "--criterion", "trainloss"], "--window must be a whole number of at "
                                                      "least 10"),
     (["-error", "nan"], "-error must be a finite number, got nan"),
-    (["-error", "-inf"], "-error must be a finite number, got -inf"),
-    (["-error", "-0.1"], "-error must be 0 or more"),
+    (["-error=-inf"], "-error must be a finite number, got -inf"),
+    (["-error=-0.1"], "-error must be 0 or more"),
     (["--criterion", "combined", "-error", "0.0003"], "-error means nothing for --criterion "
                                                       "combined (its flags: --z, --window)"),
     (["--z", "2"], "--z means nothing for --criterion rates (its flags: -error)"),
@@ -518,14 +518,19 @@ def test_help_says_the_recommended_criterion_and_the_knobs_meaning(capsys):
     assert "z=3 0.13%" in text
 
 
-def test_script_log_columns_per_criterion(federated_case):
+def test_script_log_columns_per_criterion(federated_case, capsys):
     from helpers import QC_SCRIPT
 
     paper = pd.read_csv(federated_case["single"]() / "qc.csv")  # shared with the federated test
     assert list(paper.columns) == LOG_COLUMNS
     out = federated_case["root"] / "criterion_loss"
+    capsys.readouterr()
     runpy.run_path(str(QC_SCRIPT))["main"]([*federated_case["common"], "-cycles", "4",
                                             "--criterion", "loss", "--out", str(out)])
+    said = [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith("calibration: ")]
+    assert len(said) == 1 and said[0].startswith("calibration: 20 steps (each undone), 20 "
+                                                 "evaluations, ")
     log = pd.read_csv(out / "qc.csv")
     assert list(log.columns) == LOG_COLUMNS + CRITERION_COLUMNS
     assert log.VAL_LOSS.notna().all() and log.VAL_AUROC.between(0, 1).all()
@@ -678,3 +683,39 @@ def test_unevaluated_batches_give_the_decisions_of_evaluating_every_update(monke
     assert lazy_evaluations < eager_evaluations
     batch_rows = [r for r in qc.state.log[1:] if r["Subject"] == "batch"]
     assert all(math.isnan(r["FP"]) and math.isnan(r["VAL_LOSS"]) for r in batch_rows)
+
+
+# --- the cold start on a real model -------------------------------------------------------------
+
+def test_calibration_on_a_real_model_is_undone_exactly(cohort):
+    """The tiny cohort, an untrained model: ten held-out check steps (one image each) and ten
+    batches, each trained, judged and undone; the weights, BatchNorm statistics, dropout seed
+    and optimizer state afterwards are those before, bit for bit."""
+    keras = pytest.importorskip("keras")
+    from dqc.data import load_table
+    from dqc.model import build_models
+    from dqc.runs import validation_evaluator
+    from dqc.trainer import Trainer
+    from dqc.travel import local_step
+    from dqc.volumes import VolumeStore
+    from helpers import SHAPE
+
+    keras.utils.set_random_seed(0)
+    trainer = Trainer(*build_models(SHAPE))
+    train, val = load_table(cohort["train"], "train"), load_table(cohort["val"], "validation")
+    store = VolumeStore(train, SHAPE, verbose=False)
+    evaluate = validation_evaluator(trainer, VolumeStore(val, SHAPE, verbose=False),
+                                    list(val.Subject))
+    qc = QualityControl(local_step(trainer, store), evaluate, trainer.snapshot,
+                        trainer.restore, criterion=Combined(), revisit=2,
+                        studies=dict(zip(train.Subject, train.Study)),
+                        hold_out_momentum=trainer.hold_out_momentum)
+    qc.baseline()
+    before = trainer.state_arrays()
+    cost = qc.calibrate(batch_size=5, seed=0)  # no pre-training losses: batches calibrate too
+    after = trainer.state_arrays()
+    assert len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert cost["steps"] == 20 and cost["evaluations"] == 10 and cost["seconds"] > 0
+    batch, image = qc.state.windows["train_loss:batch"], qc.state.windows["check_rise:image"]
+    assert len(batch) == len(image) == 10 and all(map(math.isfinite, batch + image))
+    assert len(set(image)) > 1  # real check steps on different images moved the loss
