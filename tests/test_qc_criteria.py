@@ -719,3 +719,22 @@ def test_calibration_on_a_real_model_is_undone_exactly(cohort):
     batch, image = qc.state.windows["train_loss:batch"], qc.state.windows["check_rise:image"]
     assert len(batch) == len(image) == 10 and all(map(math.isfinite, batch + image))
     assert len(set(image)) > 1  # real check steps on different images moved the loss
+
+
+def test_resume_keeps_the_windows_and_the_calibration(federated_case, capsys):
+    """Cycle 3 alone, then --resume to cycle 4: the windows and the calibration come from the
+    checkpoint (no second calibration), and the outputs are the uninterrupted run's."""
+    from helpers import QC_SCRIPT, assert_same_qc_outputs
+
+    flags = ("--criterion", "combined")
+    whole = federated_case["single"](5, *flags)
+    out = federated_case["root"] / "combined_resumed"
+    main = runpy.run_path(str(QC_SCRIPT))["main"]
+    capsys.readouterr()
+    main([*federated_case["common"], "-cycles", "4", *flags, "--out", str(out)])
+    first = json.loads((out / "qc_summary.json").read_text())["calibration"]
+    main([*federated_case["common"], "-cycles", "5", *flags, "--out", str(out), "--resume"])
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("calibration:")]
+    assert len(said) == 1  # the resumed run did not calibrate again
+    assert json.loads((out / "qc_summary.json").read_text())["calibration"] == first
+    assert_same_qc_outputs(whole, out, last_cycle=4)
