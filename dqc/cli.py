@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from dqc import defaults
 from dqc.errors import DQCError
-from dqc.qc import CRITERIA
+from dqc.criteria import CRITERIA, FLAGS, make_criterion
 from dqc.runtime import BACKENDS, VERBOSE_ENV, choose_backend, quiet_start, wants_verbose
 
 
@@ -156,10 +156,9 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "its PREFIX_state_CCC.npz beside it carries the optimizer state")
     p.add_argument("-revisit", type=int, default=defaults.REVISIT, help="R: a flagged image is left out and "
                    "retried alone R cycles later; harmful again means eliminated")
-    p.add_argument("-error", type=float, default=defaults.ERROR, help="e: tolerated rise of either rate "
-                   "per image in the update (k * e for k images); with --criterion loss, the "
-                   "tolerated rise of the validation cross-entropy per image, in nats; with "
-                   "heldout and combined, its tolerated rise for one update, in nats")
+    p.add_argument("-error", type=float, default=None, help="e, criterion rates only: "
+                   "tolerated rise of either rate per image in the update (k * e for k "
+                   f"images; default {defaults.ERROR}, the paper's)")
     p.add_argument("-fn_save", default="qc", help="NAME of the outputs: NAME.csv (log), "
                    "NAME_images.csv, NAME_summary.json and NAME_*_CCC model files")
     add_batch_size_flag(p, help="images per update")
@@ -168,37 +167,42 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--legacy-rates", action="store_true", help="the authors' denominators: "
                    "FP / number of PD and FN / number of HC (default: FP / HC, FN / PD)")
     p.add_argument("--criterion", choices=list(CRITERIA), default=defaults.CRITERION,
-                   help="what makes an update harmful. rates: the paper's rule (FPR or FNR "
-                   "rises by more than k * e); loss: the validation cross-entropy rises by "
-                   "more than k * e nats; mcnemar: exact one-sided McNemar test on the "
-                   "validation predictions the update changed (p < alpha); trainloss: the "
-                   "update's own training loss exceeds median + z * 1.4826 * MAD of the last "
-                   "--window accepted batches' (no validation set needed to decide); heldout: "
-                   "a check step taken without Adam's momentum raises the validation "
-                   "cross-entropy by more than e nats (whatever k), and a harmless update is "
-                   "then made as the ordinary step; combined: batches as trainloss, one image "
-                   "alone as heldout. Other than rates, the log gains VAL_LOSS, VAL_AUROC, "
-                   "TRAIN_LOSS, STATISTIC, LIMIT")
-    p.add_argument("--alpha", type=float, default=defaults.ALPHA, help="mcnemar: significance level")
-    p.add_argument("--z", type=float, default=defaults.Z, help="trainloss: robust z-score bound")
-    p.add_argument("--window", type=int, default=defaults.WINDOW, help="trainloss: how many accepted "
-                   "updates' losses to compare with (flags nothing before 10 are known)")
+                   help="what makes an update harmful. " + "; ".join(
+                       f"{name}: {kind.summary}" for name, kind in CRITERIA.items())
+                   + ". All but rates and mcnemar set their own threshold from the run's own "
+                   "accepted updates (median + z * 1.4826 * MAD of the last --window of the "
+                   "same kind: batches and single images apart), calibrated before the first "
+                   "decision by a few steps, each undone (their cost is in the summary). "
+                   f"Recommended: {defaults.RECOMMENDED_CRITERION}, because "
+                   f"{defaults.RECOMMENDED_WHY}. Other than rates, the log gains VAL_LOSS, "
+                   "VAL_AUROC, TRAIN_LOSS, STATISTIC, LIMIT. A flag of another criterion is "
+                   "refused")
+    p.add_argument("--alpha", type=float, default=None, help="mcnemar only: significance "
+                   f"level (default {defaults.ALPHA})")
+    p.add_argument("--z", type=float, default=None, help="loss, trainloss, heldout, combined: "
+                   "the self-set threshold's robust z-score; nominal one-sided false-flag "
+                   "rate under normality 1 - Phi(z): z=2 2.3%%, z=3 0.13%%, z=4 0.003%% "
+                   f"(default {defaults.Z})")
+    p.add_argument("--window", type=int, default=None, help="loss, trainloss, heldout, "
+                   "combined: how many accepted updates' statistics (of the same kind) the "
+                   f"threshold looks back on (default {defaults.WINDOW}; at least 10)")
     add_lr_schedule_flag(p)
     add_run_flags(p, seed=defaults.SEED, prefix=None)
 
 
 def qc_specs(args: argparse.Namespace):
-    """(`RunSpec`, `QCSpec`) from `add_qc_flags` values."""
+    """(`RunSpec`, `QCSpec`) from `add_qc_flags` values. The criterion's flags are checked
+    first (`DQCError`: a flag of another criterion, an impossible value), before Keras starts."""
+    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
+    make_criterion(args.criterion, **given)
     from dqc.runs import QCSpec, RunSpec  # imports Keras: only once the flags are parsed
 
     spec = RunSpec(train_csv=args.fn_train, prefix=args.fn_save,
                    cycles=range(args.start_cycle, args.cycles), batch_size=args.batch_size,
                    encoder=args.en, classifier=args.pd, lr_schedule=args.lr_schedule,
                    **run_options(args))
-    qspec = QCSpec(val_csv=args.fn_test, error=args.error, revisit=args.revisit,
-                   name=args.fn_save, legacy_rates=args.legacy_rates,
-                   criterion=args.criterion, alpha=float(args.alpha), z=float(args.z),
-                   window=int(args.window))
+    qspec = QCSpec(val_csv=args.fn_test, revisit=args.revisit, name=args.fn_save,
+                   legacy_rates=args.legacy_rates, criterion=args.criterion, params=given)
     return spec, qspec
 
 

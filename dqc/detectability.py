@@ -492,8 +492,7 @@ def parse_args(argv=None):
                    "of either rate by more than k * e)")
     p.add_argument("--cycle", type=int, default=defaults.START_CYCLE, help="train at this cycle's learning rate")
     p.add_argument("--hold-out-momentum", action="store_true", help="take each step with "
-                   "Adam's first moments zeroed, as QC criterion heldout checks an update; the "
-                   "calibrated loss tolerance is then a -error for --criterion heldout")
+                   "Adam's first moments zeroed, as QC criterion heldout checks an update")
     p.add_argument("--seed", type=int, default=0, help="draws candidates and corruptions")
     p.add_argument("--out", default=".", help="folder for the detectability_* files")
     p.add_argument("--eval-batch-size", type=int, default=defaults.EVAL_BATCH_SIZE,

@@ -1,4 +1,5 @@
-"""Quality control: the harm criteria and the verification / revisit / elimination policy.
+"""Quality control: the verification / revisit / elimination policy, and the validation
+figures it judges by (the criteria themselves: `dqc.criteria`).
 
 Pure Python and numpy, no deep-learning import: training, evaluation, snapshot and restore
 come in as callables, so the policy is the same whether a step runs here or on a hospital's
@@ -8,30 +9,22 @@ machine, and it can be tested with a stand-in evaluator.
 from __future__ import annotations
 
 import math
-import statistics
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from dqc import defaults
+from dqc.criteria import (LOG_COLUMNS, MIN_WINDOW, PRETRAINING_WINDOW,  # noqa: F401
+                          TOLERANCE, Criterion, Rates, Verdict, make_criterion,
+                          per_image_tolerance_problems, rates_verdict)
+from dqc.errors import DQCError
 
-#: Floating-point slack so that a rise exactly equal to the threshold is not harmful.
-TOLERANCE = 1e-9
 #: Keras clips predicted probabilities to [eps, 1 - eps] in binary cross-entropy.
 BCE_EPSILON = 1e-7
-#: The trainloss criterion flags nothing until this many accepted losses are known.
-MIN_WINDOW = 10
-#: MAD * this estimates the standard deviation of normally distributed values.
-MAD_TO_SD = 1.4826
-
-LOG_COLUMNS = ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN", "Ignored"]
-#: Appended to the paper's nine columns under any criterion but `rates`.
-CRITERION_COLUMNS = ["VAL_LOSS", "VAL_AUROC", "TRAIN_LOSS", "STATISTIC", "LIMIT"]
-#: Each criterion's parameters (the `Criterion` fields it reads).
-CRITERIA = {"rates": ("error",), "loss": ("error",), "mcnemar": ("alpha",),
-            "trainloss": ("z", "window"), "heldout": ("error",),
-            "combined": ("z", "window", "error")}
+#: The calibration's random stream: seeded by the run's seed and this, apart from the cycles'.
+CALIBRATION_STREAM = 7919
 
 
 @dataclass(frozen=True)
@@ -164,141 +157,6 @@ def is_harmful(new: Evaluation, reference: Evaluation, n_images: int, error: flo
     return rates_verdict(new, reference, n_images, error).harmful
 
 
-# --- criteria: each returns the decision with the statistic and limit it compared -----------
-
-@dataclass(frozen=True)
-class Verdict:
-    """A criterion's decision and the numbers it compared, so that the log can show why."""
-
-    harmful: bool
-    statistic: float = math.nan
-    limit: float = math.nan
-
-
-def rates_verdict(new: Evaluation, reference: Evaluation, n_images: int,
-                  error: float) -> Verdict:
-    """The paper's rule; statistic: the larger rise of FPR and FNR, limit n * error."""
-    limit = n_images * error
-    rise = max(new.fpr - reference.fpr, new.fnr - reference.fnr)
-    return Verdict(rise > limit + TOLERANCE, rise, limit)
-
-
-def loss_verdict(new_loss: float, reference_loss: float, n_images: int,
-                 tolerance: float) -> Verdict:
-    """Harmful when the validation BCE rises by more than n * tolerance nats: unlike the
-    rates it also sees scores that move towards the wrong side without crossing 0.5."""
-    limit = n_images * tolerance
-    rise = new_loss - reference_loss
-    return Verdict(rise > limit + TOLERANCE, rise, limit)
-
-
-def binomial_tail(k: int, n: int) -> float:
-    """P(X >= k) for X ~ Binomial(n, 1/2), exactly."""
-    return sum(math.comb(n, i) for i in range(max(k, 0), n + 1)) / 2 ** n
-
-
-def mcnemar_verdict(new: Evaluation, reference: Evaluation, alpha: float) -> Verdict:
-    """Exact one-sided McNemar test on the validation images whose prediction the update
-    changed: b right before and wrong now, c the reverse. Harmful when b > c and
-    P(X >= b) < alpha for X ~ Binomial(b + c, 1/2). Statistic: that p-value, limit: alpha.
-    """
-    if not (len(new.pred) == len(reference.pred) == len(new.truth)) or not new.pred:
-        raise ValueError("McNemar needs the predictions of the same validation images")
-    changed = [(old == y) for old, now, y in zip(reference.pred, new.pred, new.truth)
-               if old != now]
-    b = sum(changed)  # a changed prediction is right in exactly one of the two states
-    c = len(changed) - b
-    p = binomial_tail(b, b + c)
-    return Verdict(b > c and p < alpha, p, alpha)
-
-
-def robust_limit(window: Sequence[float], z: float) -> float:
-    """median + z * 1.4826 * MAD: a high outlier bound that a few outliers cannot inflate."""
-    median = statistics.median(window)
-    mad = statistics.median(abs(x - median) for x in window)
-    return median + z * MAD_TO_SD * mad
-
-
-def trainloss_verdict(train_loss: float, window: Sequence[float], z: float) -> Verdict:
-    """Harmful when the candidate's own training loss is an outlier among the recently
-    accepted ones; needs no validation set. Flags nothing while the window is short."""
-    if len(window) < MIN_WINDOW:
-        return Verdict(False, train_loss)
-    limit = robust_limit(window, z)
-    return Verdict(train_loss > limit + TOLERANCE, train_loss, limit)
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """Which rule judges an update, and its parameters (`CRITERIA` says which it reads).
-
-    error: per-image tolerance, of a rate (`rates`) or of the validation BCE in nats
-    (`loss`), or the tolerated rise of the validation BCE of a check step taken with Adam's
-    first moments held out (`heldout`, nats, whatever the number of images: Adam's step size
-    does not grow with the batch); alpha: McNemar's significance level; z, window: the
-    `trainloss` bound and how many accepted training losses it looks back on. `combined`
-    judges batches as `trainloss` and one image alone as `heldout`: a batch's own loss sees
-    harm, one image's does not (BatchNorm over one image), its validation check does.
-    """
-
-    name: str = defaults.CRITERION
-    error: float = defaults.ERROR
-    alpha: float = defaults.ALPHA
-    z: float = defaults.Z
-    window: int = defaults.WINDOW
-
-    def params(self) -> dict:
-        return {"name": self.name, **{k: getattr(self, k) for k in CRITERIA[self.name]}}
-
-    def needs_evaluation(self, n_images: int) -> bool:
-        """Whether judging an update of n images needs the validation set: not when its own
-        training loss decides (`trainloss`, and `combined`'s batches)."""
-        return not (self.name == "trainloss" or (self.name == "combined" and n_images > 1))
-
-    def evaluation_detail(self) -> str:
-        """What each share of the validation set must tell (`Tally`): the paper's rule needs
-        the counts only; McNemar each image's prediction; the others log the cross-entropy
-        and the AUROC, which need the scores."""
-        return {"rates": "counts", "mcnemar": "predictions"}.get(self.name, "scores")
-
-    def holds_out_momentum(self, n_images: int) -> bool:
-        """Whether the check step is taken without the optimizer's momentum: always under
-        `heldout`, for one image alone under `combined`."""
-        return self.name == "heldout" or (self.name == "combined" and n_images == 1)
-
-    def judge(self, new: Evaluation, reference: Evaluation, n_images: int,
-              train_loss: float, accepted_losses: Sequence[float]) -> Verdict:
-        if self.name == "rates":
-            return rates_verdict(new, reference, n_images, self.error)
-        if self.name == "loss":
-            return loss_verdict(new.loss, reference.loss, n_images, self.error)
-        if self.name == "mcnemar":
-            return mcnemar_verdict(new, reference, self.alpha)
-        if self.name == "trainloss":
-            return trainloss_verdict(train_loss, accepted_losses, self.z)
-        if self.holds_out_momentum(n_images):  # heldout, or combined for one image
-            return loss_verdict(new.loss, reference.loss, 1, self.error)
-        if self.name == "combined":
-            return trainloss_verdict(train_loss, accepted_losses, self.z)
-        raise ValueError(f"unknown criterion {self.name!r}")
-
-    def log_columns(self) -> list[str]:
-        """The paper's nine columns; under another criterion, what it decided on as well."""
-        return LOG_COLUMNS if self.name == "rates" else LOG_COLUMNS + CRITERION_COLUMNS
-
-
-def per_image_tolerance_problems(n_hc: int, n_pd: int, error: float,
-                                 legacy_rates: bool = False) -> list[str]:
-    """Classes so small that one extra error raises a rate by more than `error`."""
-    fp_den, fn_den = (n_pd, n_hc) if legacy_rates else (n_hc, n_pd)
-    out = []
-    for rate, den in (("false-positive", fp_den), ("false-negative", fn_den)):
-        if den and 1 / den > error + TOLERANCE:
-            out.append(f"one extra {rate} raises its rate by 1/{den} = {1 / den:.3f} > "
-                       f"-error {error}")
-    return out
-
-
 @dataclass
 class ImageRecord:
     """What quality control did with one training image."""
@@ -312,33 +170,77 @@ class ImageRecord:
 
 @dataclass
 class QCState:
-    """Everything the policy carries from cycle to cycle (saved with each checkpoint)."""
+    """Everything the policy carries from cycle to cycle (saved with each checkpoint): with
+    the windows of accepted statistics and what the calibration cost, a resumed run decides
+    exactly as an uninterrupted one."""
 
     reference: Evaluation | None = None
     log: list[dict] = field(default_factory=list)
     schedule: dict[int, list[str]] = field(default_factory=dict)  # revisit cycle -> subjects
     images: dict[str, ImageRecord] = field(default_factory=dict)
-    train_losses: list[float] = field(default_factory=list)  # of the last accepted updates
+    windows: dict[str, list[float]] = field(default_factory=dict)  # accepted statistics
+    calibration: dict = field(default_factory=dict)  # `QualityControl.calibrate`'s cost
 
     def to_json(self) -> dict:
         return {"reference": asdict(self.reference) if self.reference else None,
                 "log": self.log,
                 "schedule": {str(k): v for k, v in self.schedule.items()},
                 "images": {k: asdict(v) for k, v in self.images.items()},
-                "train_losses": self.train_losses}
+                "windows": self.windows, "calibration": self.calibration}
 
     @classmethod
     def from_json(cls, data: dict) -> "QCState":
+        windows = {k: list(v) for k, v in data.get("windows", {}).items()}
+        if data.get("train_losses"):  # a checkpoint written before the windows
+            windows.setdefault(PRETRAINING_WINDOW, list(data["train_losses"]))
         return cls(reference=Evaluation(**data["reference"]) if data["reference"] else None,
                    log=list(data["log"]),
                    schedule={int(k): list(v) for k, v in data["schedule"].items()},
                    images={k: ImageRecord(**v) for k, v in data["images"].items()},
-                   train_losses=list(data.get("train_losses", [])))
+                   windows=windows, calibration=dict(data.get("calibration", {})))
+
+
+def _draw(centers: dict[str, list[str]], n: int, rng: np.random.Generator
+          ) -> tuple[str, list[str]]:
+    """A calibration update: a random center's random n images (fewer where no center has
+    n), as a batch of the regular pass is one center's."""
+    names = [c for c, ids in centers.items() if len(ids) >= n] or list(centers)
+    center = names[int(rng.integers(len(names)))]
+    ids = centers[center]
+    picked = rng.choice(len(ids), size=min(n, len(ids)), replace=False)
+    return center, [ids[i] for i in sorted(picked)]
+
+
+def describe_calibration(calibration: dict) -> str:
+    """The calibration's cost in one line (stderr and the run's summary say it)."""
+    windows = "; ".join(f"{key}: {v['pre-training']} from the pre-training, "
+                        f"{v['calibration']} calibration steps"
+                        for key, v in calibration.get("windows", {}).items())
+    return (f"calibration: {calibration.get('steps', 0)} steps (each undone), "
+            f"{calibration.get('evaluations', 0)} evaluations, "
+            f"{calibration.get('seconds', 0.0):.1f} s ({windows or 'no window'})")
 
 
 Train = Callable[[str, list[str]], tuple[float, float]]
 Evaluate = Callable[[Sequence[str]], Evaluation]
 Event = Callable[[str], None]
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One update made and judged (still in place): the state before it, its training loss
+    and accuracy, its evaluation, the verdict, and the statistics that were not finite."""
+
+    before: object
+    loss: float
+    acc: float
+    ev: Evaluation
+    verdict: Verdict
+    nonfinite: tuple[str, ...] = ()
 
 
 class QualityControl:
@@ -347,66 +249,110 @@ class QualityControl:
     train(center, ids) makes one update and returns its (training loss, accuracy);
     evaluate(ids) scores the model after an update of `ids` on the validation set;
     snapshot()/restore(s) undo an update exactly. `criterion` judges each update; `error`
-    alone is the paper's rule, `Criterion("rates", error)`. `hold_out_momentum()` zeroes the
-    optimizer's first moments; criterion `heldout` calls it before its check step, so the
-    check follows the candidate's own gradient rather than the momentum of earlier batches
-    (Adam takes 90% of a step's direction from them); a harmless update is then undone and
-    made again as the ordinary step, which is evaluated to become the next reference.
+    alone is the paper's rule, `Rates(error)`. `hold_out_momentum()` zeroes the
+    optimizer's first moments; a criterion that checks with the momentum held out
+    (`heldout`, `combined` for one image) calls it before its check step, so the check
+    follows the candidate's own gradient rather than the momentum of earlier batches (Adam
+    takes 90% of a step's direction from them); a harmless update is then undone and made
+    again as the ordinary step, which is evaluated to become the next reference.
     An update that the criterion judges by its own training loss is not evaluated (its log
     row's figures are empty); the reference is then evaluated when a later check needs it,
     so decisions are those of evaluating every update, for fewer validation passes.
-    `train_losses` starts a new run's window of accepted batch losses (`trainloss`): the
-    pre-training's last cycle, whose updates were all kept, so that a harmful center met
-    before ten batches were accepted is judged too.
+    A non-finite training or validation loss flags its update, always, with one warning
+    line (`on_warning`, default stderr); it never becomes the reference nor enters a window.
+    A criterion with a self-set threshold is calibrated before its first decision
+    (`calibrate`).
     """
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
                  restore: Callable[[object], None], *, revisit: int, studies: dict[str, str],
-                 error: float = defaults.ERROR, criterion: Criterion | None = None,
+                 error: float | None = None, criterion: Criterion | None = None,
                  state: QCState | None = None, on_event: Event | None = None,
                  hold_out_momentum: Callable[[], None] | None = None,
-                 train_losses: Sequence[float] = ()):
-        self.train, self.evaluate = train, evaluate
+                 on_warning: Event | None = None):
+        self.train, self._evaluate = train, evaluate
         self.hold_out_momentum = hold_out_momentum
         self.snapshot, self.restore = snapshot, restore
-        self.criterion = criterion or Criterion("rates", error=error)
+        self.criterion = criterion or (Rates() if error is None else Rates(error))
         self.revisit = revisit
-        self.state = state or QCState(
-            images={s: ImageRecord(c) for s, c in studies.items()},
-            train_losses=list(train_losses)[-self.criterion.window:])
+        self.state = state or QCState(images={s: ImageRecord(c) for s, c in studies.items()})
         self.on_event = on_event or (lambda message: None)
+        self.on_warning = on_warning or _to_stderr
         self.cycle = 0
+        self.evaluations = 0  # validation passes made by this object (not saved)
+
+    def evaluate(self, ids: Sequence[str]) -> Evaluation:
+        self.evaluations += 1
+        return self._evaluate(ids)
 
     # --- bookkeeping -----------------------------------------------------------------------
     def _log(self, subject: str, study: str, ev: Evaluation, verdict: Verdict,
-             train_loss: float | None = None) -> None:
-        """One log row; an accepted update becomes the reference, and an accepted batch of the
-        regular pass enters the loss window.
-
-        Single-image updates stay out of the window: with BatchNorm over one image their own
-        training loss is near ln 2 whatever the image (measured: good single images 0.67-0.75
-        against 0.15-0.18 for good batches of 5), so they would only inflate the limit."""
+             train_loss: float | None = None, n_images: int = 0) -> None:
+        """One log row in the criterion's columns; an accepted update becomes the reference
+        and its statistic enters the window of its kind and scale (batches and single
+        images apart: with BatchNorm over one image their statistics have another scale)."""
         row = {"Cycle": self.cycle, "Subject": subject, "Study": study, "ACC": ev.acc,
                "FP": ev.fp, "FN": ev.fn, "PFP": ev.fpr, "PFN": ev.fnr,
-               "Ignored": int(verdict.harmful)}
-        if self.criterion.name != "rates":  # the paper's rule keeps the paper's log
-            row.update({"VAL_LOSS": ev.loss, "VAL_AUROC": ev.auroc,
-                        "TRAIN_LOSS": math.nan if train_loss is None else train_loss,
-                        "STATISTIC": verdict.statistic, "LIMIT": verdict.limit})
-        self.state.log.append(row)
+               "Ignored": int(verdict.harmful), "VAL_LOSS": ev.loss, "VAL_AUROC": ev.auroc,
+               "TRAIN_LOSS": math.nan if train_loss is None else train_loss,
+               "STATISTIC": verdict.statistic, "LIMIT": verdict.limit}
+        self.state.log.append({k: row[k] for k in self.criterion.log_columns()})
         if verdict.harmful:
             return
         self.state.reference = None if ev is NOT_EVALUATED else ev
-        if train_loss is not None and subject == "batch":
-            recent = self.state.train_losses + [train_loss]
-            self.state.train_losses = recent[-self.criterion.window:]
+        key = self.criterion.window_key(n_images) if n_images else None
+        if key is not None:
+            self.state.windows[key] = self.criterion.remember(self.state.windows.get(key, []),
+                                                              verdict.statistic)
 
     def baseline(self) -> Evaluation:
         """Evaluate the loaded model; logged as cycle 0, subject n/a, the first reference."""
         self.cycle = 0
         ev = self.evaluate([])
+        if self.criterion.reads_validation_loss(1) and not math.isfinite(ev.loss):
+            raise DQCError(f"the loaded model's validation loss is {ev.loss}: no update can "
+                           "be judged against it")
         self._log("n/a", "n/a", ev, Verdict(harmful=False))
         return ev
+
+    def calibrate(self, batch_size: int, seed: int,
+                  pretraining: Sequence[float] = ()) -> dict:
+        """Fill each window the criterion decides by before its first decision (cold start).
+
+        The window of batches' own training losses starts from the pre-training's last
+        cycle (`pretraining`, whose updates were all kept) when it is given; every other
+        window, or one left short, gets calibration steps: a random (seeded) center's batch,
+        or a random single training image, trained and judged as the run would, then undone
+        exactly. Returns (and keeps in the state) the cost: steps, evaluations, seconds."""
+        start, evaluations = time.perf_counter(), self.evaluations
+        rng = np.random.default_rng([seed, CALIBRATION_STREAM])
+        centers: dict[str, list[str]] = {}
+        for subject, record in self.state.images.items():
+            centers.setdefault(record.study, []).append(subject)
+        steps, sources = 0, {}
+        for n in sorted({max(batch_size, 1), 1}, reverse=True):
+            key = self.criterion.window_key(n)
+            if key is None or key in sources:
+                continue
+            window: list[float] = []
+            if key == PRETRAINING_WINDOW:
+                for value in pretraining:
+                    window = self.criterion.remember(window, float(value))
+            sources[key] = {"pre-training": len(window), "calibration": 0}
+            while len(window) < MIN_WINDOW and sources[key]["calibration"] < 3 * MIN_WINDOW:
+                center, ids = _draw(centers, n, rng)
+                check = self._check(center, ids, window)
+                self.restore(check.before)
+                steps += 1
+                sources[key]["calibration"] += 1
+                if check.nonfinite:
+                    self._warn_nonfinite(check, center, ids, "calibration step left out")
+                window = self.criterion.remember(window, check.verdict.statistic)
+            self.state.windows[key] = window
+        self.state.calibration = {"steps": steps, "evaluations": self.evaluations - evaluations,
+                                  "seconds": round(time.perf_counter() - start, 3),
+                                  "windows": sources}
+        return self.state.calibration
 
     def start_cycle(self, cycle: int) -> None:
         """A new cycle begins: its number goes into the log rows and the revisit schedule."""
@@ -424,29 +370,56 @@ class QualityControl:
         return [s for s in ids if s not in skip]
 
     # --- the policy ------------------------------------------------------------------------
-    def _try(self, center: str, ids: list[str], subject: str) -> tuple[bool, float, float]:
-        """Snapshot, train, evaluate, log; undo if harmful. Returns (harmful, loss, acc)."""
-        evaluated = self.criterion.needs_evaluation(len(ids))
+    def _nonfinite(self, ev: Evaluation, loss: float, n_images: int) -> tuple[str, ...]:
+        bad = () if math.isfinite(loss) else (f"training loss {loss}",)
+        if self.criterion.reads_validation_loss(n_images) and not math.isfinite(ev.loss):
+            bad += (f"validation loss {ev.loss}",)
+        return bad
+
+    def _warn_nonfinite(self, check: Check, center: str, ids: list[str], outcome: str) -> None:
+        what = "batch of" if len(ids) > 1 else "image"
+        self.on_warning(f"warning: cycle {self.cycle}, center {center}, {what} "
+                        f"{', '.join(ids)}: {' and '.join(check.nonfinite)}; {outcome}")
+
+    def _check(self, center: str, ids: list[str], window: Sequence[float]) -> Check:
+        """Snapshot, train (with the momentum held out where the criterion says), evaluate
+        where it needs it, judge against `window`. The update stays made."""
+        n = len(ids)
+        evaluated = self.criterion.needs_evaluation(n)
         if evaluated and self.state.reference is None:  # stale after unevaluated updates
             self.state.reference = self.evaluate([])
-        snap = self.snapshot()
-        held_out = self.criterion.holds_out_momentum(len(ids))
-        if held_out:
+        before = self.snapshot()
+        if self.criterion.holds_out_momentum(n):
             if self.hold_out_momentum is None:
-                raise ValueError("criterion heldout needs hold_out_momentum")
+                raise ValueError(f"criterion {self.criterion.name} needs hold_out_momentum")
             self.hold_out_momentum()
         loss, acc = self.train(center, ids)
         ev = self.evaluate(ids) if evaluated else NOT_EVALUATED
-        verdict = self.criterion.judge(ev, self.state.reference, len(ids), loss,
-                                       self.state.train_losses)
-        if held_out and not verdict.harmful:  # keep the ordinary step, with its momentum
-            self.restore(snap)
+        verdict = self.criterion.judge(ev, self.state.reference, n, loss, window)
+        bad = self._nonfinite(ev, loss, n)
+        if bad:
+            verdict = Verdict(True, verdict.statistic, verdict.limit)
+        return Check(before, loss, acc, ev, verdict, bad)
+
+    def _try(self, center: str, ids: list[str], subject: str) -> tuple[bool, float, float]:
+        """Check, log; undo if harmful. Returns (harmful, loss, acc)."""
+        n = len(ids)
+        key = self.criterion.window_key(n)
+        check = self._check(center, ids, self.state.windows.get(key, []) if key else [])
+        if self.criterion.holds_out_momentum(n) and not check.verdict.harmful:
+            self.restore(check.before)  # keep the ordinary step, with its momentum
             loss, acc = self.train(center, ids)
             ev = self.evaluate(ids)
-        self._log(subject, center, ev, verdict, train_loss=loss)
-        if verdict.harmful:
-            self.restore(snap)
-        return verdict.harmful, loss, acc
+            bad = self._nonfinite(ev, loss, n)
+            verdict = Verdict(True, check.verdict.statistic, check.verdict.limit) if bad \
+                else check.verdict
+            check = Check(check.before, loss, acc, ev, verdict, bad)
+        if check.nonfinite:
+            self._warn_nonfinite(check, center, ids, "flagged and undone")
+        self._log(subject, center, check.ev, check.verdict, train_loss=check.loss, n_images=n)
+        if check.verdict.harmful:
+            self.restore(check.before)
+        return check.verdict.harmful, check.loss, check.acc
 
     def _flag(self, subject: str) -> ImageRecord:
         record = self.state.images[subject]

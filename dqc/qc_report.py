@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from dqc.io import write_csv, write_json
-from dqc.qc import Criterion, QualityControl
+from dqc.qc import Criterion, QualityControl, Rates
 
 IMAGE_COLUMNS = ["Subject", "Study", "times_flagged", "first_flagged_cycle", "revisit_cycle",
                  "eliminated", "eliminated_cycle", "status"]
@@ -48,11 +48,13 @@ def _rate(numerator: int, denominator: int) -> float | None:
 
 
 def summarize(images: pd.DataFrame, log: pd.DataFrame, cycles: range,
-              criterion: Criterion = Criterion()) -> dict:
+              criterion: Criterion = Rates(), calibration: dict | None = None) -> dict:
     """Counts, and detection figures when the ground truth `Harmful` column is present."""
     summary = {
         "cycles": [cycles.start, cycles.stop - 1],
-        "criterion": criterion.params(),
+        "criterion": criterion.parameters(),
+        "calibration": calibration or {"steps": 0, "evaluations": 0, "seconds": 0.0,
+                                       "windows": {}},
         "images": int(len(images)),
         "kept": int((images.status == "kept").sum()),
         "pending": int((images.status == "pending").sum()),
@@ -98,7 +100,7 @@ def write_outputs(policy: QualityControl, train: pd.DataFrame, out: Path, name: 
     images = image_table(policy, train)
     write_csv(out / f"{name}.csv", log)
     write_csv(out / f"{name}_images.csv", images)
-    summary = summarize(images, log, cycles, policy.criterion)
+    summary = summarize(images, log, cycles, policy.criterion, policy.state.calibration)
     write_json(out / f"{name}_summary.json", summary)
     return summary
 

@@ -7,6 +7,7 @@ atomically through `checkpoint.save_cycle`, and resume from the last complete cy
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -21,8 +22,8 @@ from dqc.authors import AuthorsPair
 from dqc.data import image_shape, load_table, require_both_classes, row_source
 from dqc.errors import DQCError
 from dqc.model import Architecture, build_models, input_shape
-from dqc.qc import (CRITERIA, MIN_WINDOW, Criterion, Evaluation, QCState, QualityControl,
-                    evaluate_predictions, per_image_tolerance_problems)
+from dqc.qc import (Criterion, Evaluation, QCState, QualityControl, describe_calibration,
+                    evaluate_predictions, make_criterion)
 from dqc.runtime import setup_runtime
 from dqc.trainer import LR_SCHEDULES, Trainer, cycle_learning_rate, predict_subjects
 from dqc.travel import CycleStats, Step, centers_of, local_step, travel_cycle
@@ -194,7 +195,7 @@ def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], c
                 policy.revisit_pass()
         meta = {"seed": spec.seed, "learning_rate": stats.learning_rate}
         if policy is None:
-            meta["batch_losses"] = list(stats.batch_losses)
+            meta.update(batch_losses=list(stats.batch_losses), batch_size=spec.batch_size)
         else:
             qc_report.write_log(policy, log)
             meta["qc"] = policy.state.to_json()
@@ -209,21 +210,22 @@ def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], c
 
 @dataclass
 class QCSpec:
-    """The QC run's own settings on top of a `RunSpec`."""
+    """The QC run's own settings on top of a `RunSpec`: the criterion by name with the
+    parameters given for it (`params`: the others take the criterion's defaults; one it does
+    not take is refused), `error` being the paper's e (criterion `rates` only)."""
 
     val_csv: str
-    error: float = defaults.ERROR
+    error: float | None = None
     revisit: int = defaults.REVISIT
     name: str = "qc"
     legacy_rates: bool = False
-    criterion: str = defaults.CRITERION  # see dqc.qc.Criterion
-    alpha: float = defaults.ALPHA
-    z: float = defaults.Z
-    window: int = defaults.WINDOW
+    criterion: str = defaults.CRITERION  # see dqc.criteria.CRITERIA
+    params: dict = field(default_factory=dict)
 
     def rule(self) -> Criterion:
-        return Criterion(self.criterion, error=self.error, alpha=self.alpha, z=self.z,
-                         window=self.window)
+        """The criterion object (`DQCError` for an unknown name or a bad parameter)."""
+        given = dict(self.params) if self.error is None else {"error": self.error, **self.params}
+        return make_criterion(self.criterion, **given)
 
 
 def validation_evaluator(trainer: Trainer, store: VolumeStore, subjects: Sequence[str],
@@ -270,12 +272,11 @@ class Validation:
                    tuple(sorted(set(train.Subject) & set(val.Subject))))
 
 
-def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, validation: Validation) -> None:
+def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, validation: Validation) -> Criterion:
+    """The settings checked before anything is loaded; returns the criterion."""
     if qspec.revisit < 1:
         raise DQCError(f"-revisit must be at least 1, got {qspec.revisit}")
-    if qspec.error < 0:
-        raise DQCError(f"-error must be 0 or more, got {qspec.error}")
-    _check_criterion(qspec)
+    rule = qspec.rule()
     if spec.cycles.stop <= spec.cycles.start:
         raise DQCError(f"-cycles {spec.cycles.stop} must be greater than the start cycle "
                        f"{spec.cycles.start}")
@@ -288,26 +289,21 @@ def _check_qc_inputs(spec: RunSpec, qspec: QCSpec, validation: Validation) -> No
         shown = ", ".join(both[:10]) + (f" and {len(both) - 10} more" if len(both) > 10 else "")
         spec.echo(f"warning: {len(both)} image(s) are in both the training and the validation "
                   f"CSV: {shown}")
-    if qspec.criterion != "rates":
-        return
-    for problem in per_image_tolerance_problems(validation.n_hc, validation.n_pd, qspec.error,
-                                                qspec.legacy_rates):
-        spec.echo(f"warning: validation set too small for -error {qspec.error}: {problem}; "
-                  "every single-image check is then zero-tolerance and good images get "
-                  "eliminated for one flipped prediction")
+    for problem in rule.problems(validation.n_hc, validation.n_pd, qspec.legacy_rates):
+        spec.echo(f"warning: {problem}")
+    return rule
 
 
-def _check_criterion(qspec: QCSpec) -> None:
-    """The criterion flags, also when they come from a federated run config (no argparse)."""
-    if qspec.criterion not in CRITERIA:
-        raise DQCError(f"--criterion must be one of {', '.join(CRITERIA)}, got "
-                       f"{qspec.criterion!r}")
-    if not 0 < qspec.alpha < 1:
-        raise DQCError(f"--alpha must be between 0 and 1, got {qspec.alpha}")
-    if not qspec.z > 0:
-        raise DQCError(f"--z must be greater than 0, got {qspec.z}")
-    if qspec.window < MIN_WINDOW:
-        raise DQCError(f"--window must be at least {MIN_WINDOW}, got {qspec.window}")
+def _calibrate(policy: QualityControl, spec: RunSpec, trainer: Trainer, meta: dict) -> None:
+    """The cold start (`QualityControl.calibrate`) at the first cycle's learning rate, from
+    the pre-training's batch losses where its state file kept them at this batch size."""
+    pretraining = meta.get("batch_losses", ())
+    if meta.get("batch_size", spec.batch_size) != spec.batch_size:
+        pretraining = ()  # another scale
+    trainer.set_learning_rate(spec.schedule()(spec.cycles.start))
+    calibration = policy.calibrate(spec.batch_size, spec.seed, pretraining)
+    if calibration["steps"] or calibration["windows"]:
+        print(describe_calibration(calibration), file=sys.stderr, flush=True)
 
 
 #: Makes "train one step at center X" for the server's trainer (local, or a network round trip).
@@ -356,7 +352,7 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
         validation = Validation.of_table(val, train, qspec.val_csv)
     else:
         validation, make_evaluate = verify
-    _check_qc_inputs(spec, qspec, validation)
+    rule = _check_qc_inputs(spec, qspec, validation)
     models, first, make_trainer = _start(spec, train)
     store = None if make_step is not None else _store(spec, models, train, "training images")
     val_store = None if verify is not None or evaluate is not None else \
@@ -375,14 +371,14 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                                         on_device=spec.execution.validation_on_device)
     resumed = "qc" in meta and first > spec.cycles.start
     policy = QualityControl(step, evaluate, trainer.snapshot, trainer.restore,
-                            criterion=qspec.rule(), revisit=qspec.revisit,
+                            criterion=rule, revisit=qspec.revisit,
                             studies=dict(zip(train.Subject, train.Study)),
                             state=QCState.from_json(meta["qc"]) if resumed else None,
-                            on_event=spec.echo, hold_out_momentum=trainer.hold_out_momentum,
-                            train_losses=meta.get("batch_losses", ()))
+                            on_event=spec.echo, hold_out_momentum=trainer.hold_out_momentum)
     if not resumed:
         with clock.paused():  # timings are of the cycles only
             policy.baseline()
+            _calibrate(policy, spec, trainer, meta)
     out = Path(spec.out)
     run_cycles(spec, trainer, centers_of(train), range(first, spec.cycles.stop), step,
                prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv")

@@ -295,7 +295,7 @@ def federated_case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     train.to_csv(train_csv, index=False)
     common = ["-fn_train", str(train_csv), "-fn_test", str(pre["val"]), "-en",
               str(pre["encoder"]), "-pd", str(pre["classifier"]), "--start-cycle", "3",
-              "-revisit", "1", "-error", "0", "-fn_save", "qc", "--quiet"]
+              "-revisit", "1", "-fn_save", "qc", "--quiet"]
 
     @functools.lru_cache(maxsize=None)
     def single(cycles: int = 5, *flags: str) -> Path:

@@ -110,6 +110,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "qc": _start(QC, "-fn_train", train_csv, "-fn_test", cohort["val"], "-cycles", 11,
                      "-en", en, "-pd", pd_, "-revisit", 2, "-error", 0.02, "-fn_save", "qc",
                      "--out", root / "qc", "--quiet"),
+        "qc_combined": _start(QC, "-fn_train", train_csv, "-fn_test", cohort["val"],
+                              "-cycles", 11, "-en", en, "-pd", pd_, "--criterion", "combined",
+                              "--out", root / "qc_combined", "--quiet"),
         "inference": _start(INFERENCE, "-fn", test_csv, "-en", f"{folder}/", "-pd", f"{folder}/",
                             "-o", "inf", cwd=root),
         "other": _start(INFERENCE, "-fn", test_csv, "-en", root / "encoder_other.h5",
@@ -142,6 +145,19 @@ def test_continues_one_cycle_with_their_optimizer(setup: dict, run: str, prefix:
     before = authors.build_ours(authors.read_pair(setup["en"], setup["pd"]))[0].get_weights()
     after = keras.saving.load_model(written).get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))  # it trained
+
+
+def test_a_self_set_criterion_calibrates_itself_without_a_state_file(setup: dict) -> None:
+    """Their files keep no batch losses: the batches' window comes from calibration batches
+    too, each undone; the cost is in the summary and in one stderr line."""
+    rc, out, err = setup["results"]["qc_combined"]
+    assert rc == 0, err
+    summary = json.loads((setup["root"] / "qc_combined" / "qc_summary.json").read_text())
+    cost = summary["calibration"]
+    assert cost["windows"] == {"train_loss:batch": {"pre-training": 0, "calibration": 10},
+                               "check_rise:image": {"pre-training": 0, "calibration": 10}}
+    assert cost["steps"] == 20 and cost["evaluations"] == 10
+    assert [x for x in err.splitlines() if x.startswith("calibration: 20 steps")]
 
 
 def test_other_architecture_is_one_error_line(setup: dict) -> None:

@@ -5,12 +5,13 @@ worker processes).
 
 The decisions are non-trivial by construction, not by floating-point luck: center C04's labels
 are flipped after pre-training (`federated_case`) and the `trainloss` criterion judges each
-update by its own training loss against the last accepted batches' (a window that starts with
-the pre-training's last cycle). A C04 batch's loss is far above a clean batch's (the model fits
-the true labels), and so is any one image's alone (ln 2: the output BatchNormalization of a
-batch of one), so in cycle 3 C04's batch and then each of its images are undone, and in cycle
-4 each is undone again and eliminated. Clean batches near the limit may add decisions, so
-counts are lower bounds.
+batch by its own training loss against the last accepted batches' (a window that starts with
+the pre-training's last cycle, topped up by calibration batches). A C04 batch's loss is far
+above a clean batch's (the model fits the true labels), so in cycles 3 and 4 C04's batch is
+undone and each of its images retried alone. One image alone is judged against the single
+images' own window (calibrated before the first decision), where every loss is near ln 2
+(BatchNormalization over one image), so which of them are flagged, revisited and eliminated
+is not by construction: only that those come from C04. Counts are lower bounds.
 """
 
 from __future__ import annotations
@@ -89,14 +90,15 @@ def test_same_log_decisions_and_models_as_one_machine(single: Path, simulated: d
                                  "LIMIT"]
     # the decisions are not trivial (module docstring): updates kept, undone, retried image by
     # image, revisited and eliminated
-    assert (fed.Ignored == 0).sum() >= 5 and fed.Ignored.sum() >= 9
+    assert (fed.Ignored == 0).sum() >= 5 and fed.Ignored.sum() >= 2
     images = pd.read_csv(simulated["out"] / "qc_images.csv")
     assert "Harmful" in images.columns  # the nodes' ground truth reached the report
     harmful = images.Subject[images.Harmful == 1]
-    assert len(harmful) == 4 and images.eliminated[images.Harmful == 1].all()
-    alone = fed[fed.Subject.isin(harmful)]  # checked alone in cycle 3, revisited in cycle 4
-    assert list(alone.Cycle) == [3] * 4 + [4] * 4 and alone.Ignored.all()
-    assert ((fed.Subject == "batch") & (fed.Study == "C04") & (fed.Ignored == 1)).any()
+    assert len(harmful) == 4 and set(images.Study[images.times_flagged > 0]) <= {"C04"}
+    alone = fed[fed.Subject.isin(harmful)]  # each checked alone in cycle 3
+    assert sorted(alone.Subject[alone.Cycle == 3]) == sorted(harmful)
+    c04 = fed[(fed.Subject == "batch") & (fed.Study == "C04")]
+    assert list(c04.Cycle) == [3, 4] and c04.Ignored.all()
 
 
 def _images(case: dict) -> tuple[set[str], set[str]]:
@@ -140,7 +142,10 @@ def test_network_figures_are_written(simulated: dict):
     figures = json.loads((simulated["out"] / "qc_network.json").read_text())
     assert figures == simulated["figures"] and figures["verify_at"] == "centers"
     log = pd.read_csv(simulated["out"] / "qc.csv", keep_default_na=False)
-    assert figures["updates"] == len(log) - 1  # one remote step per evaluation after baseline
+    calibration = json.loads((simulated["out"] / "qc_summary.json").read_text())["calibration"]
+    # one remote step per evaluation after baseline, and per calibration step
+    assert calibration["steps"] > 0
+    assert figures["updates"] == len(log) - 1 + calibration["steps"]
     assert 0 < figures["median_update_s"] <= figures["max_update_s"]
     # the next batch at the same center, or a retry after an undo, sends a digest only
     assert 0 < figures["states_sent"] < figures["updates"]
@@ -154,7 +159,7 @@ def test_network_figures_are_written(simulated: dict):
 
 COMBINED = ("--criterion", "combined", "--window", "10")  # single images verified at centers
 SILENT = 1          # partition of center C02, which holds validation rows
-SILENT_AFTER = 16   # messages C02 answers: whoami, baseline, cycle 3 (~10); then it is silent
+SILENT_AFTER = 26   # messages C02 answers: whoami, baseline, calibration (10 checks), cycle 3 (~10)
 
 
 def _stalling_files(nodes_dir: Path, calls: Path):

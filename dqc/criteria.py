@@ -1,0 +1,369 @@
+"""The harm criteria: one class per criterion, one shape (`Criterion`), a registry by name.
+
+A criterion knows its parameters and checks them itself, says what judging an update needs
+(a validation pass or not, which detail of it, a check step with Adam's momentum held out),
+which log columns it adds, and judges. Every criterion but the paper's `rates` (and the exact
+test `mcnemar`) sets its own threshold: its statistic is compared with the run's own accepted
+statistics of the same kind and scale (a window), limit median + z * 1.4826 * MAD, so its one
+knob z is a robust z-score whose nominal one-sided false-flag rate under normality is
+1 - Phi(z) (z = 3: 0.13%). Pure Python: no deep-learning import.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+from dqc import defaults
+from dqc.errors import DQCError
+
+if TYPE_CHECKING:
+    from dqc.qc import Evaluation
+
+#: Floating-point slack so that a rise exactly equal to the threshold is not harmful.
+TOLERANCE = 1e-9
+#: A self-set threshold decides nothing until this many accepted statistics are known; the
+#: cold-start calibration takes this many steps per window.
+MIN_WINDOW = 10
+#: MAD * this estimates the standard deviation of normally distributed values.
+MAD_TO_SD = 1.4826
+
+LOG_COLUMNS = ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN", "Ignored"]
+#: Appended to the paper's nine columns under any criterion but `rates`.
+CRITERION_COLUMNS = ["VAL_LOSS", "VAL_AUROC", "TRAIN_LOSS", "STATISTIC", "LIMIT"]
+#: The window that a pre-training's saved batch losses seed (its updates were all kept).
+PRETRAINING_WINDOW = "train_loss:batch"
+#: The command-line flag of each parameter (for messages).
+FLAGS = {"error": "-error", "alpha": "--alpha", "z": "--z", "window": "--window"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A criterion's decision and the numbers it compared, so that the log can show why."""
+
+    harmful: bool
+    statistic: float = math.nan
+    limit: float = math.nan
+
+
+# --- the decision rules, as functions of numbers ---------------------------------------------
+
+def rates_verdict(new: Evaluation, reference: Evaluation, n_images: int,
+                  error: float) -> Verdict:
+    """The paper's rule; statistic: the larger rise of FPR and FNR, limit n * error."""
+    limit = n_images * error
+    rise = max(new.fpr - reference.fpr, new.fnr - reference.fnr)
+    return Verdict(rise > limit + TOLERANCE, rise, limit)
+
+
+def binomial_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2), exactly."""
+    return sum(math.comb(n, i) for i in range(max(k, 0), n + 1)) / 2 ** n
+
+
+def mcnemar_verdict(new: Evaluation, reference: Evaluation, alpha: float) -> Verdict:
+    """Exact one-sided McNemar test on the validation images whose prediction the update
+    changed: b right before and wrong now, c the reverse. Harmful when b > c and
+    P(X >= b) < alpha for X ~ Binomial(b + c, 1/2). Statistic: that p-value, limit: alpha.
+    """
+    if not (len(new.pred) == len(reference.pred) == len(new.truth)) or not new.pred:
+        raise ValueError("McNemar needs the predictions of the same validation images")
+    changed = [(old == y) for old, now, y in zip(reference.pred, new.pred, new.truth)
+               if old != now]
+    b = sum(changed)  # a changed prediction is right in exactly one of the two states
+    c = len(changed) - b
+    p = binomial_tail(b, b + c)
+    return Verdict(b > c and p < alpha, p, alpha)
+
+
+def robust_limit(window: Sequence[float], z: float) -> float:
+    """median + z * 1.4826 * MAD: a high outlier bound that a few outliers cannot inflate."""
+    median = statistics.median(window)
+    mad = statistics.median(abs(x - median) for x in window)
+    return median + z * MAD_TO_SD * mad
+
+
+def self_set_verdict(statistic: float, window: Sequence[float], z: float) -> Verdict:
+    """Harmful when the statistic is a high outlier among the run's accepted ones (`window`).
+
+    A non-finite statistic is harmful, always. Below `MIN_WINDOW` known values nothing is
+    decided (a run calibrates its windows before its first decision, `QualityControl`)."""
+    if not math.isfinite(statistic):
+        return Verdict(True, statistic)
+    if len(window) < MIN_WINDOW:
+        return Verdict(False, statistic)
+    limit = robust_limit(window, z)
+    return Verdict(statistic > limit + TOLERANCE, statistic, limit)
+
+
+# --- the criteria ------------------------------------------------------------------------------
+
+def _finite(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DQCError(f"{FLAGS[name]} must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """What makes an update harmful. Subclasses set `name` and `summary` and declare their
+    parameters as fields (with their defaults); each field is a flag (`FLAGS`)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def parameter_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def parameters(self) -> dict:
+        """Name and parameters, as the run's summary reports them."""
+        return {"name": self.name, **asdict(self)}
+
+    def validate(self) -> None:
+        """Raise `DQCError` (one line naming the flag) for an impossible setting."""
+
+    def needs_evaluation(self, n_images: int) -> bool:
+        """Whether judging an update of n images needs a validation pass."""
+        return True
+
+    def evaluation_detail(self) -> str:
+        """What each share of the validation set must tell (`dqc.qc.Tally`): the scores, for
+        the cross-entropy and the AUROC that the log shows."""
+        return "scores"
+
+    def holds_out_momentum(self, n_images: int) -> bool:
+        """Whether the update is checked by a step with Adam's first moments zeroed."""
+        return False
+
+    def log_columns(self) -> list[str]:
+        """The paper's nine columns and what this criterion decided on."""
+        return LOG_COLUMNS + CRITERION_COLUMNS
+
+    def window_key(self, n_images: int) -> str | None:
+        """The window of accepted statistics an update of n images is judged against (and
+        enters when accepted); None: no window."""
+        return None
+
+    def reads_validation_loss(self, n_images: int) -> bool:
+        """Whether a validation loss is known for an update of n images (then a non-finite
+        one flags it)."""
+        return self.needs_evaluation(n_images) and self.evaluation_detail() != "counts"
+
+    def problems(self, n_hc: int, n_pd: int, legacy_rates: bool) -> list[str]:
+        """Warnings about this setting on a validation set of this size."""
+        return []
+
+    def remember(self, window: Sequence[float], statistic: float) -> list[float]:
+        """The window after an accepted update with this statistic (none kept here)."""
+        return list(window)
+
+    def judge(self, new: Evaluation, reference: Evaluation, n_images: int, train_loss: float,
+              window: Sequence[float]) -> Verdict:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Rates(Criterion):
+    """The paper's rule: FPR or FNR rises by more than k * e for an update of k images."""
+
+    name: ClassVar[str] = "rates"
+    summary: ClassVar[str] = ("the paper's rule: FPR or FNR rises by more than k * e for k "
+                              "images (-error e)")
+    error: float = defaults.ERROR
+
+    def validate(self) -> None:
+        _finite("error", self.error)
+        if self.error < 0:
+            raise DQCError(f"-error must be 0 or more, got {self.error}")
+
+    def evaluation_detail(self) -> str:
+        return "counts"
+
+    def log_columns(self) -> list[str]:
+        return LOG_COLUMNS  # the paper's rule keeps the paper's log
+
+    def problems(self, n_hc: int, n_pd: int, legacy_rates: bool) -> list[str]:
+        return [f"validation set too small for -error {self.error}: {problem}; every "
+                "single-image check is then zero-tolerance and good images get eliminated "
+                "for one flipped prediction"
+                for problem in per_image_tolerance_problems(n_hc, n_pd, self.error,
+                                                            legacy_rates)]
+
+    def judge(self, new, reference, n_images, train_loss, window) -> Verdict:
+        return rates_verdict(new, reference, n_images, self.error)
+
+
+@dataclass(frozen=True)
+class McNemar(Criterion):
+    """Exact one-sided McNemar test on the validation predictions the update changed."""
+
+    name: ClassVar[str] = "mcnemar"
+    summary: ClassVar[str] = ("exact one-sided McNemar test on the validation predictions "
+                              "the update changed, p < --alpha (its false-flag rate when an "
+                              "update changes predictions at random)")
+    alpha: float = defaults.ALPHA
+
+    def validate(self) -> None:
+        _finite("alpha", self.alpha)
+        if not 0 < self.alpha < 1:
+            raise DQCError(f"--alpha must be between 0 and 1, got {self.alpha}")
+
+    def evaluation_detail(self) -> str:
+        return "predictions"
+
+    def judge(self, new, reference, n_images, train_loss, window) -> Verdict:
+        return mcnemar_verdict(new, reference, self.alpha)
+
+
+@dataclass(frozen=True)
+class SelfSet(Criterion):
+    """A statistic against the run's own accepted ones of the same kind and scale: harmful
+    above median + z * 1.4826 * MAD of the last `window` of them (`self_set_verdict`)."""
+
+    z: float = defaults.Z
+    window: int = defaults.WINDOW
+
+    def validate(self) -> None:
+        _finite("z", self.z)
+        if not self.z > 0:
+            raise DQCError(f"--z must be greater than 0, got {self.z}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) \
+                or self.window < MIN_WINDOW:
+            raise DQCError(f"--window must be a whole number of at least {MIN_WINDOW}, got "
+                           f"{self.window!r}")
+
+    def remember(self, window: Sequence[float], statistic: float) -> list[float]:
+        """The last `window` finite statistics: a non-finite one never enters."""
+        kept = list(window) + ([statistic] if math.isfinite(statistic) else [])
+        return kept[-self.window:]
+
+    def kind(self, n_images: int) -> str:
+        """What the statistic of an update of n images is (the window's name, with its scale)."""
+        raise NotImplementedError
+
+    def statistic(self, new: Evaluation, reference: Evaluation, n_images: int,
+                  train_loss: float) -> float:
+        raise NotImplementedError
+
+    def window_key(self, n_images: int) -> str:
+        """Batches and single images apart: with BatchNorm over one image a step's statistics
+        have another scale (a good image's own loss is near ln 2, a good batch's ~0.15)."""
+        return f"{self.kind(n_images)}:{'image' if n_images == 1 else 'batch'}"
+
+    def judge(self, new, reference, n_images, train_loss, window) -> Verdict:
+        return self_set_verdict(self.statistic(new, reference, n_images, train_loss),
+                                window, self.z)
+
+
+@dataclass(frozen=True)
+class Loss(SelfSet):
+    """The rise of the validation cross-entropy per image of the update."""
+
+    name: ClassVar[str] = "loss"
+    summary: ClassVar[str] = "the rise of the validation cross-entropy per image of the update"
+
+    def kind(self, n_images: int) -> str:
+        return "val_rise"
+
+    def statistic(self, new, reference, n_images, train_loss) -> float:
+        return (new.loss - reference.loss) / n_images
+
+
+@dataclass(frozen=True)
+class TrainLoss(SelfSet):
+    """The update's own training loss: no validation pass at all."""
+
+    name: ClassVar[str] = "trainloss"
+    summary: ClassVar[str] = "the update's own training loss (no validation set needed)"
+
+    def needs_evaluation(self, n_images: int) -> bool:
+        return False
+
+    def kind(self, n_images: int) -> str:
+        return "train_loss"
+
+    def statistic(self, new, reference, n_images, train_loss) -> float:
+        return train_loss
+
+
+@dataclass(frozen=True)
+class HeldOut(SelfSet):
+    """The validation cross-entropy's rise after a check step taken with Adam's first
+    moments zeroed (the candidate's own gradient, not 90% the earlier batches'); a harmless
+    update is then undone and made again as the ordinary step."""
+
+    name: ClassVar[str] = "heldout"
+    summary: ClassVar[str] = ("the validation cross-entropy's rise after a check step with "
+                              "Adam's momentum held out; a harmless update is then made as "
+                              "the ordinary step")
+
+    def holds_out_momentum(self, n_images: int) -> bool:
+        return True
+
+    def kind(self, n_images: int) -> str:
+        return "check_rise"
+
+    def statistic(self, new, reference, n_images, train_loss) -> float:
+        return new.loss - reference.loss
+
+
+@dataclass(frozen=True)
+class Combined(SelfSet):
+    """Batches as `trainloss` (a batch's own loss sees harm, and costs no validation pass),
+    one image alone as `heldout` (one image's own loss does not: BatchNorm over one image)."""
+
+    name: ClassVar[str] = "combined"
+    summary: ClassVar[str] = "batches as trainloss, one image alone as heldout"
+
+    def _part(self, n_images: int) -> SelfSet:
+        return HeldOut(self.z, self.window) if n_images == 1 else TrainLoss(self.z, self.window)
+
+    def needs_evaluation(self, n_images: int) -> bool:
+        return self._part(n_images).needs_evaluation(n_images)
+
+    def holds_out_momentum(self, n_images: int) -> bool:
+        return self._part(n_images).holds_out_momentum(n_images)
+
+    def kind(self, n_images: int) -> str:
+        return self._part(n_images).kind(n_images)
+
+    def statistic(self, new, reference, n_images, train_loss) -> float:
+        return self._part(n_images).statistic(new, reference, n_images, train_loss)
+
+
+#: The criteria by their command-line name.
+CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
+                                                            HeldOut, Combined)}
+
+
+def make_criterion(name: str, **given) -> Criterion:
+    """The criterion `name` with the parameters given (the others at their defaults).
+
+    A parameter the criterion does not take is refused (one line naming the flag), so that a
+    tolerance meant for another criterion is never silently ignored."""
+    if name not in CRITERIA:
+        raise DQCError(f"--criterion must be one of {', '.join(CRITERIA)}, got {name!r}")
+    kind = CRITERIA[name]
+    for key in given:
+        if key not in kind.parameter_names():
+            own = ", ".join(FLAGS[k] for k in kind.parameter_names()) or "none"
+            raise DQCError(f"{FLAGS.get(key, key)} means nothing for --criterion {name} "
+                           f"(its flags: {own})")
+    return kind(**given)
+
+
+def per_image_tolerance_problems(n_hc: int, n_pd: int, error: float,
+                                 legacy_rates: bool = False) -> list[str]:
+    """Classes so small that one extra error raises a rate by more than `error`."""
+    fp_den, fn_den = (n_pd, n_hc) if legacy_rates else (n_hc, n_pd)
+    out = []
+    for rate, den in (("false-positive", fp_den), ("false-negative", fn_den)):
+        if den and 1 / den > error + TOLERANCE:
+            out.append(f"one extra {rate} raises its rate by 1/{den} = {1 / den:.3f} > "
+                       f"-error {error}")
+    return out
