@@ -301,7 +301,7 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                         train: pd.DataFrame | None = None,
                         make_step: StepFactory | None = None,
                         verify: tuple[Validation, EvaluatorFactory] | None = None,
-                        probe: Probe = Probe()) -> QualityControl:
+                        probe: Probe = Probe(), left_out: bool = False) -> QualityControl:
     """Travelling model with verification, revisit, elimination (docs/method.md, "Quality control").
 
     `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
@@ -310,6 +310,9 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     centers verify each update on their own validation images, `verify`: what is known of
     that set and the evaluator of the centers' round; the validation CSV is then not read.
     The loop, the policy and the outputs are this same code. `probe`: the benchmark's.
+    `left_out`: a federated run resumed without a center it excluded (`train` lacks its
+    images): their revisits are dropped and the reference is evaluated again, on the
+    validation set that remains.
     """
     setup_runtime(spec.seed, spec.mixed_precision)
     if train is None:
@@ -347,6 +350,11 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     if not resumed:
         with clock.paused():  # timings are of the cycles only
             policy.baseline()
+    elif left_out:
+        kept = set(train.Subject)
+        policy.state.reference = None
+        policy.state.schedule = {c: [s for s in subjects if s in kept]
+                                 for c, subjects in policy.state.schedule.items()}
     out = Path(spec.out)
     run_cycles(spec, trainer, centers_of(train), range(first, spec.cycles.stop), step,
                prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv")

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from dqc.errors import DQCError
 from dqc.federated.messages import (MISSING, REFUSED, Identity, StateMissing, digest,
-                                    identity_reply, pack, read_step_request,
+                                    identity_reply, pack, read_step_request, read_whoami_request,
                                     read_verify_request, step_reply, unpack, verify_reply)
 from dqc.qc import DETAILS, Tally
 
@@ -58,9 +58,10 @@ class CenterNode:
         # of the last one trained here, which the next verification names by digest only
         self._models: dict[str, tuple[str, np.ndarray]] = {}
 
-    def identity(self) -> Identity:
+    def identity(self, truth: bool = False) -> Identity:
+        """Who this center is; its ground truth (`Harmful`) only when `truth` is asked for."""
         t, v = self.table, self.val
-        harmful = [int(h) for h in t.Harmful] if "Harmful" in t.columns else None
+        harmful = [int(h) for h in t.Harmful] if truth and "Harmful" in t.columns else None
         n_pd = int(t.Group_bin.sum())
         val_pd = int(v.Group_bin.sum()) if v is not None else 0
         return Identity(self.center, list(t.Subject), n_pd, len(t) - n_pd, self.shape, harmful,
@@ -207,8 +208,8 @@ class WorkerNode:
             raise (StateMissing if status == "missing" else DQCError)(result[0])
         return result
 
-    def identity(self) -> Identity:
-        return self._call(("whoami",))[0]
+    def identity(self, truth: bool = False) -> Identity:
+        return self._call(("whoami", truth))[0]
 
     def train_step(self, state: np.ndarray | None, key: str,
                    ids: Sequence[str]) -> tuple[np.ndarray, str, float, float, str]:
@@ -252,7 +253,7 @@ def serve_worker(csv_path: str | Path, socket_path: str | Path,
                 request = conn.recv()
                 try:
                     if request[0] == "whoami":
-                        conn.send(("ok", node.identity()))
+                        conn.send(("ok", node.identity(*request[1:])))
                     elif request[0] == "verify":
                         conn.send(("ok", node.verify(*request[1:])))
                     else:
@@ -283,7 +284,8 @@ def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv) -> ClientApp:
 
     @app.query("whoami")
     def whoami(msg: Message, context: Context) -> Message:
-        return answer(msg, lambda: identity_reply(node_for(context, csv_for).identity()))
+        truth = read_whoami_request(msg.content)
+        return answer(msg, lambda: identity_reply(node_for(context, csv_for).identity(truth)))
 
     @app.train("step")
     def step(msg: Message, context: Context) -> Message:

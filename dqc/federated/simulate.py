@@ -94,8 +94,9 @@ def simulate(args: argparse.Namespace,
     # flwr turns DeprecationWarnings on for everyone; Keras' own are not the user's business
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"keras(\.|$)")
 
-    config = server_config(args)
     rows = rows_by_center(args.fn_train, args.fn_test if args.verify_at == "centers" else None)
+    # a simulated study's ground truth is its own: the nodes are asked for it
+    config = {**server_config(args), "min-nodes": len(rows), "ask-truth": True}
     check_server_inputs(*specs_from_config(config), args.verify_at)  # before Ray starts
     nodes_dir = Path(args.out) / "nodes"
     nodes = write_node_csvs(rows, nodes_dir)
