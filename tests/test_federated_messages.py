@@ -43,10 +43,11 @@ def test_step_messages_round_trip():
     got, got_key, ids = read_step_request(step_request(buffer, key, ["s1", "s2"]))
     assert ids == ["s1", "s2"] and got_key == key and np.array_equal(got, buffer)
     state = _state()
-    got, got_key, loss, acc, model_key = read_step(
-        step_reply(buffer, key, 0.25, 0.8, "m"), state, [(a.shape, str(a.dtype)) for a in state],
-        [False] * len(state), 0.0)
-    assert np.array_equal(pack(got), buffer) and got_key == key and model_key == "m"
+    model_key = digest(pack(state[:2]))
+    got, got_key, loss, acc, got_model = read_step(
+        step_reply(buffer, key, 0.25, 0.8, model_key), state,
+        [(a.shape, str(a.dtype)) for a in state], [False] * len(state), 0.0, n_model=2)
+    assert np.array_equal(pack(got), buffer) and got_key == key and got_model == model_key
     assert loss == pytest.approx(0.25) and acc == pytest.approx(0.8)
     # only the ids, a digest and one opaque buffer travel: no path, no image
     content = step_request(buffer, key, ["s1"])

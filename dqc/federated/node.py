@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from dqc.errors import DQCError
 from dqc.federated.messages import (MISSING, REFUSED, Identity, StateMissing, digest,
@@ -271,9 +272,11 @@ def node_for(context: Context, csv_for: Callable[[Context], NodeFiles]):
     return center_node(csv_for(context))
 
 
-def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv) -> ClientApp:
-    """The ClientApp: "who are you", "train one step on these ids" and "verify this model"."""
-    app = ClientApp()
+def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv,
+               mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp: "who are you", "train one step on these ids" and "verify this model".
+    `mods`: Flower mods wrapped around every handler (e.g. differential privacy)."""
+    app = ClientApp(mods=list(mods))
 
     def answer(msg: Message, work: Callable[[], object]) -> Message:
         try:

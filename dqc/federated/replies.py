@@ -7,7 +7,8 @@ adopted. What is checked, and why each bound holds for an honest node (docs/thre
 - hello: every field of the right type; counts non-negative, adding up to the ids; the
   image shape three positive sizes; ground-truth flags, when sent, 0/1 and one per id.
 - step: one byte buffer of exactly the sent layout; every float of the new state finite;
-  the loss finite and non-negative, the accuracy in [0, 1]; and every trainable weight
+  the loss finite and non-negative, the accuracy in [0, 1]; the digests it names those of
+  the state it sent; and every trainable weight
   moved by at most what one Adam step at the cycle's learning rate can move
   (`adam_step_bound`).
 - verify: counts non-negative integers, as many images of each class as the node declared
@@ -25,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from dqc.errors import DQCError
-from dqc.federated.messages import Identity, Spec, unpack
+from dqc.federated.messages import Identity, Spec, digest, pack, unpack
 from dqc.qc import Tally
 
 #: Relative slack on the Adam bound, and ulps of the weight, for float32 rounding.
@@ -145,13 +146,14 @@ def read_hello(content: RecordDict) -> Identity:
 # --- step --------------------------------------------------------------------------------------
 
 def read_step(content: RecordDict, sent: Sequence[np.ndarray], spec: Spec,
-              bounded: Sequence[bool], max_step: float
+              bounded: Sequence[bool], max_step: float, n_model: int
               ) -> tuple[list[np.ndarray], str, float, float, str]:
     """A step reply checked against the state that was sent (`messages.step_reply`): the
     new state's arrays, its digest, the loss, the accuracy and the model part's digest.
 
     `bounded[i]`: whether array i is a trainable weight, which may move by at most
-    `max_step` (`adam_step_bound`), plus float32 rounding."""
+    `max_step` (`adam_step_bound`), plus float32 rounding. The first `n_model` arrays are
+    the model part, whose digest the reply names (the node verifies it next by digest)."""
     what = "step"
     buffer = _one_array(content, "state", what)
     try:
@@ -176,6 +178,8 @@ def read_step(content: RecordDict, sent: Sequence[np.ndarray], spec: Spec,
                 raise ReplyFault(f"step reply: weight array {i} {new.shape} moved by up to "
                                  f"{moved.max():.3g}, one Adam step moves at most "
                                  f"{max_step:.3g}")
+    if key != digest(buffer) or model_key != digest(pack(arrays[:n_model])):
+        raise ReplyFault("step reply: the digests it names are not those of its state")
     return arrays, key, loss, accuracy, model_key
 
 

@@ -187,7 +187,8 @@ class RemoteStep:
         sent = self.trainer.state_arrays()
         arrays, out_key, loss, acc, model_key = self.fleet.checked(reply[0], partial(
             read_step, sent=sent, spec=self.trainer.state_spec(), bounded=self.bounded,
-            max_step=adam_step_bound(lr, optimizer.beta_1, optimizer.beta_2)))
+            max_step=adam_step_bound(lr, optimizer.beta_1, optimizer.beta_2),
+            n_model=len(self.trainer.model.variables)))
         self.trainer.load_state_arrays(arrays)
         self.fleet.held[center] = {key, out_key}
         self.fleet.produced[center] = model_key
