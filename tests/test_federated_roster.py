@@ -84,6 +84,7 @@ def test_the_run_waits_for_every_center_and_says_who_is_missing(federated_case: 
 def test_min_nodes_has_no_default():
     with pytest.raises(DQCError, match=r"^run config lacks min-nodes \(the number of center"):
         read_config({"en": "e", "pd": "p", "cycles": 5})
+    specs_from_config({"en": "e", "pd": "p", "cycles": 5})  # the specs alone do not need it
 
 
 def _args(*extra: str):
@@ -101,7 +102,7 @@ def test_the_specs_from_a_run_config_are_the_qc_scripts(extra: tuple[str, ...]):
     """The same specs as the QC script's parser gives for the same flags (the server holds
     no training CSV: its rows come from the nodes)."""
     args = _args(*extra)
-    spec, qspec = specs_from_config({**config_from_args(args), "min-nodes": 4})
+    spec, qspec = specs_from_config(config_from_args(args))
     want_spec, want_qspec = qc_specs(args)
     assert qspec == want_qspec
     assert {**asdict(spec), "train_csv": "t.csv"} == asdict(want_spec)

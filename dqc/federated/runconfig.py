@@ -23,7 +23,8 @@ ON_FAULTY_NODE = ("stop", "exclude")
 #: `min-nodes` has none: a consortium run is told how many centers it has.
 NETWORK_DEFAULTS = {"verify-at": "centers", "wait-nodes-s": 120.0, "node-timeout-s": 600.0,
                     "poll-s": 0.005, "on-faulty-node": "stop", "ask-truth": False}
-#: Keys a run config must give (no default to fall back on).
+#: Keys a run config must give (no default to fall back on); the server needs `min-nodes`
+#: too (the specs alone do not).
 REQUIRED = {"en": str, "pd": str, "cycles": int, "min-nodes": int}
 #: The run's own keys (`dqc.runs.RunSpec`) and their defaults: the QC script's.
 RUN_DEFAULTS = {"fn-test": "", "start-cycle": defaults.START_CYCLE, "fn-save": "qc",
@@ -67,16 +68,17 @@ def _typed(key: str, value, kind: type):
     return value
 
 
-def read_config(config: dict) -> dict[str, Any]:
+def read_config(config: dict, serving: bool = True) -> dict[str, Any]:
     """Every key of the run config with its default where it is not given, checked: known
-    keys, types, required values, choices."""
+    keys, types, required values (`min-nodes` only when `serving`), choices."""
     known = {**NETWORK_DEFAULTS, **RUN_DEFAULTS, **_qc_defaults()}
     unknown = sorted(set(config) - set(known) - set(REQUIRED))
     if unknown:
         raise DQCError(f"run config: unknown key {unknown[0]!r}")
     values = {k: _typed(k, config[k], type(v)) if k in config else v for k, v in known.items()}
     values.update({k: _typed(k, config[k], kind) for k, kind in REQUIRED.items() if k in config})
-    needed = [*REQUIRED] + (["fn-test"] if values["verify-at"] == "server" else [])
+    needed = [k for k in REQUIRED if serving or k != "min-nodes"] \
+        + (["fn-test"] if values["verify-at"] == "server" else [])
     missing = [k for k in needed if not values.get(k)]
     if missing:
         raise DQCError("run config lacks " + ", ".join(missing)
@@ -94,7 +96,7 @@ def specs_from_config(config: dict):
     images cached (the server holds none with verification at the centers)."""
     from dqc.runs import QCSpec, RunSpec
 
-    v = read_config(config)
+    v = read_config(config, serving=False)
     spec = RunSpec(train_csv="", out=v["out"], prefix=v["fn-save"],
                    cycles=range(v["start-cycle"], v["cycles"]), seed=v["seed"],
                    batch_size=v["batch-size"], encoder=v["en"], classifier=v["pd"],

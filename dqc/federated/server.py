@@ -30,14 +30,14 @@ from dqc.federated.messages import (MISSING, STEP, VERIFY, WHOAMI, Identity, Sta
                                     digest, pack, payload_bytes, roster_table, step_request,
                                     verify_request, whoami_request)
 from dqc.federated.replies import ReplyFault, adam_step_bound, read_hello, read_step, read_tally
-from dqc.federated.runconfig import (NETWORK_DEFAULTS, VERIFY_AT, read_config, server_config,
-                                     specs_from_config)
+from dqc.federated.runconfig import (NETWORK_DEFAULTS, VERIFY_AT, config_from_args,
+                                     read_config, server_config, specs_from_config)
 from dqc.qc import Evaluation, combine
 
 T = TypeVar("T")
 
-__all__ = ["NETWORK_DEFAULTS", "VERIFY_AT", "server_config", "specs_from_config", "serve",
-           "server_app", "check_server_inputs", "FaultyNode"]
+__all__ = ["NETWORK_DEFAULTS", "VERIFY_AT", "config_from_args", "server_config",
+           "specs_from_config", "serve", "server_app", "check_server_inputs", "FaultyNode"]
 
 
 class FaultyNode(DQCError):
