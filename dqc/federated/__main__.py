@@ -36,6 +36,9 @@ def parse_args(argv=None):
         if name == "deploy":
             q.add_argument("--work", default=None, help="folder for keys, certificates, node "
                            "CSVs and process logs (default: a temporary folder, removed after)")
+            q.add_argument("--wait-nodes-s", type=float, default=NETWORK_DEFAULTS["wait-nodes-s"],
+                           help="how long the server waits for every center's node to connect "
+                           "(then one line saying how many are missing)")
             q.add_argument("--ask-truth", action="store_true", help="ask the nodes for their "
                            "Harmful column (ground truth) to score detection; without it no "
                            "node sends it and the summary has no detection rates")
