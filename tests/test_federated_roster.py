@@ -121,3 +121,17 @@ def test_a_bad_run_config_value_is_one_line(key: str, value, says: str):
     with pytest.raises(DQCError) as error:
         specs_from_config(config)
     assert str(error.value).endswith(says) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("criterion", ["rates", "loss", "mcnemar", "heldout", "trainloss",
+                                       "combined"])
+def test_no_own_word_refuses_criteria_that_take_a_centers_loss_for_its_batch(criterion: str):
+    from dqc.federated.server import check_no_own_word
+
+    _, qspec = specs_from_config({"en": "e", "pd": "p", "cycles": 5, "criterion": criterion})
+    if criterion in ("trainloss", "combined"):
+        with pytest.raises(DQCError, match=f"^no-own-word: criterion {criterion} accepts a "
+                           "batch on its own center's training loss"):
+            check_no_own_word(qspec, batch_size=5)
+    else:
+        check_no_own_word(qspec, batch_size=5)

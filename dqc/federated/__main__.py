@@ -33,6 +33,10 @@ def parse_args(argv=None):
                        help="a node whose reply fails the server's check (docs/threat-model.md): "
                        "stop the run (one line naming it; mend it, continue with --resume), or "
                        "exclude its center's images from then on (the summary names it)")
+        q.add_argument("--no-own-word", action="store_true", help="accept no update on its own "
+                       "center's word alone: refuse criteria that judge a batch by the loss its "
+                       "center reports (trainloss, combined) and verification at fewer than "
+                       "two centers (docs/threat-model.md)")
         if name == "deploy":
             q.add_argument("--work", default=None, help="folder for keys, certificates, node "
                            "CSVs and process logs (default: a temporary folder, removed after)")

@@ -172,12 +172,14 @@ def setup_node_runtime() -> None:
     setup_runtime(seed=0)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def center_node(files: NodeFiles) -> CenterNode:
     """The node of its CSVs, built once per process (images read, model compiled).
 
     A process-wide cache on purpose: Flower hands a simulation actor a fresh copy of the
     ClientApp with every message, so a cache inside the app would be rebuilt every time.
+    Unbounded: a simulation actor serves every center (83 in the paper), and a bounded cache
+    visited in travelling order would evict each node just before it is needed again.
     """
     node = CenterNode(files[0], files[1] or None)
     node.ready()  # the model too: a node is slow once, when it first answers "who are you"

@@ -22,7 +22,8 @@ ON_FAULTY_NODE = ("stop", "exclude")
 #: Run-config keys of the ServerApp beyond the QC flags (see the Flower app's pyproject.toml).
 #: `min-nodes` has none: a consortium run is told how many centers it has.
 NETWORK_DEFAULTS = {"verify-at": "centers", "wait-nodes-s": 120.0, "node-timeout-s": 600.0,
-                    "poll-s": 0.005, "on-faulty-node": "stop", "ask-truth": False}
+                    "poll-s": 0.005, "on-faulty-node": "stop", "ask-truth": False,
+                    "no-own-word": False}
 #: Keys a run config must give (no default to fall back on); the server needs `min-nodes`
 #: too (the specs alone do not).
 REQUIRED = {"en": str, "pd": str, "cycles": int, "min-nodes": int}

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from dqc.errors import DQCError
 from dqc.federated.messages import (MISSING, STEP, VERIFY, WHOAMI, Identity, StateMissing,
                                     digest, pack, payload_bytes, roster_table, step_request,
-                                    verify_request, whoami_request)
+                                    unpack, verify_request, whoami_request)
 from dqc.federated.replies import ReplyFault, adam_step_bound, read_hello, read_step, read_tally
 from dqc.federated.runconfig import (NETWORK_DEFAULTS, VERIFY_AT, config_from_args,
                                      read_config, server_config, specs_from_config)
@@ -184,7 +184,7 @@ class RemoteStep:
 
         optimizer = self.trainer.optimizer
         lr = float(ops.convert_to_numpy(optimizer.learning_rate))
-        sent = self.trainer.state_arrays()
+        sent = unpack(state, self.trainer.state_spec())
         arrays, out_key, loss, acc, model_key = self.fleet.checked(reply[0], partial(
             read_step, sent=sent, spec=self.trainer.state_spec(), bounded=self.bounded,
             max_step=adam_step_bound(lr, optimizer.beta_1, optimizer.beta_2),
@@ -293,6 +293,8 @@ def serve(grid: Grid, config: dict) -> dict:
     verify_at = values["verify-at"]
     spec, qspec = specs_from_config(config)
     check_server_inputs(spec, qspec, verify_at)
+    if values["no-own-word"]:
+        check_no_own_word(qspec, spec.batch_size)
     timeout, wait = values["node-timeout-s"], values["wait-nodes-s"]
     node_ids = wait_for_nodes(grid, values["min-nodes"], wait)
     # a node loads its images and builds its model when first asked who it is: that answer
@@ -308,7 +310,8 @@ def serve(grid: Grid, config: dict) -> dict:
     excluded: dict[str, dict] = {}
     while True:
         try:
-            _run(spec, qspec, fleet, identities, verify_at, steps, bool(excluded))
+            _run(spec, qspec, fleet, identities, verify_at, steps, bool(excluded),
+                 values["no-own-word"])
             break
         except FaultyNode as fault:
             if values["on-faulty-node"] == "stop" or fault.center is None:
@@ -327,8 +330,23 @@ def serve(grid: Grid, config: dict) -> dict:
     return figures
 
 
+def check_no_own_word(qspec, batch_size: int) -> None:
+    """With no-own-word, every update, a batch or one image, is judged on validation images
+    (at the centers, all of them together, or at the server), never on the loss its own
+    center reports for it (docs/threat-model.md).
+
+    Parameters
+    ----------
+    qspec: the run's `QCSpec` (its criterion); batch_size: images per regular update.
+    """
+    rule = qspec.rule()
+    if not (rule.needs_evaluation(batch_size) and rule.needs_evaluation(1)):
+        raise DQCError(f"no-own-word: criterion {qspec.criterion} accepts a batch on its own "
+                       "center's training loss; use rates, loss, mcnemar or heldout")
+
+
 def _run(spec, qspec, fleet: Fleet, identities: Sequence[Identity], verify_at: str,
-         steps: list[RemoteStep], left_out: bool) -> None:
+         steps: list[RemoteStep], left_out: bool, no_own_word: bool) -> None:
     """One `run_quality_control` with these centers (resumed after an exclusion)."""
     from dqc.runs import run_quality_control
 
@@ -340,6 +358,10 @@ def _run(spec, qspec, fleet: Fleet, identities: Sequence[Identity], verify_at: s
     verify = None
     if verify_at == "centers":
         validation, declared = centers_validation(identities)
+        if no_own_word and len(declared) < 2:
+            raise DQCError(f"no-own-word: only {', '.join(declared)} holds validation images, "
+                           "so its tallies alone would judge its own updates; give a second "
+                           "center validation images, or use --verify-at server")
         verify = (validation, lambda trainer: RemoteVerify(
             fleet, trainer, declared, qspec.rule().evaluation_detail(), qspec.legacy_rates))
     run_quality_control(spec, qspec, train=roster_table(identities), make_step=make_step,
