@@ -109,7 +109,8 @@ class Fleet:
         except ReplyFault as fault:
             node = reply.metadata.src_node_id
             center = next((c for c, n in self.nodes.items() if n == node and c != str(node)), None)
-            raise FaultyNode(self._name(node, {node: center} if center else {}), center,
+            said = center or _claimed_center(reply.content)  # a faulty hello: what it says
+            raise FaultyNode(self._name(node, {node: said} if said else {}), center,
                              fault) from None
 
     @staticmethod
@@ -122,6 +123,15 @@ class Fleet:
         self.costs.append({"kind": kind, "seconds": time.perf_counter() - start,
                            "bytes_sent": sum(payload_bytes(m.content) for m in sent),
                            "bytes_received": sum(payload_bytes(m.content) for m in received)})
+
+
+def _claimed_center(content: RecordDict) -> str | None:
+    """The center a (faulty) hello names, if it names one: only to say who sent it."""
+    try:
+        center = content["identity"]["center"]
+    except (KeyError, TypeError):
+        return None
+    return center if isinstance(center, str) and center.strip() else None
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
