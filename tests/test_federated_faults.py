@@ -14,6 +14,7 @@ exists), so the faulty run stops in cycle 4 with cycle 3's files intact.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -64,7 +65,8 @@ def nan_scores(c: RecordDict) -> None:
 
 
 def too_few_scores(c: RecordDict) -> None:
-    _scores(c, lambda a: a.__setitem__(1, a[1][:-1]))
+    """One score fewer for a class that has any (a center may hold no PD validation image)."""
+    _scores(c, lambda a: a.__setitem__(int(not len(a[0])), a[int(not len(a[0]))][:-1]))
 
 
 def nan_state(c: RecordDict) -> None:
@@ -92,7 +94,7 @@ FAULTS = {
     "negative counts": ("query.verify", negative_counts, "fp -1 is not a non-negative integer"),
     "counts off the declared size": ("query.verify", counts_off_declared, "it declared"),
     "NaN scores": ("query.verify", nan_scores, "HC scores outside [0, 1] or not finite"),
-    "too few scores": ("query.verify", too_few_scores, "PD scores of shape"),
+    "too few scores": ("query.verify", too_few_scores, "scores of shape"),
     "a state with a NaN": ("train.step", nan_state, "non-finite value"),
     "a state of the wrong layout": ("train.step", wrong_layout, "not the sent layout"),
     "a state moved far beyond one step": ("train.step", far_step, "one Adam step moves at most"),
@@ -218,43 +220,57 @@ def _simulate_faulty(argv: list[str], fault: str, out: Path, engine: str) -> Non
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-def _argv(case: dict, out: Path, *extra: str) -> list[str]:
-    return ["simulate", *case["common"], "-cycles", str(CYCLES), *FLAGS, "--out", str(out),
+def _argv(case: dict, out: Path, *extra: str, cycles: int = CYCLES) -> list[str]:
+    return ["simulate", *case["common"], "-cycles", str(cycles), *FLAGS, "--out", str(out),
             *extra]
+
+
+@pytest.fixture(scope="module")
+def after_cycle_3(federated_case: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An honest run's files through cycle 3, in process: every faulty run resumes from a
+    copy of them (so each test pays for cycle 4 only)."""
+    from dqc.federated.__main__ import parse_args
+    from dqc.federated.simulate import simulate
+
+    out = tmp_path_factory.mktemp("faults") / "out"
+    simulate(parse_args(_argv(federated_case, out, cycles=CYCLES - 1)), engine="inprocess")
+    return out
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_faulty_node_stops_the_run_in_one_line_and_resume_finishes_it(
-        federated_case: dict, fault: str, capsys, tmp_path: Path):
-    """In process (`dqc.federated.inprocess`: the same server and node code, no Ray start)."""
+        federated_case: dict, after_cycle_3: Path, fault: str, capsys, tmp_path: Path):
+    """In process (`dqc.federated.inprocess`: the same server and node code, no Ray start),
+    continuing an honest run after cycle 3 to cycle 4, where the fault comes."""
     from dqc.cli import run_main
     from dqc.federated.__main__ import parse_args
     from dqc.federated.simulate import simulate
 
     out = tmp_path / "out"
-    argv = _argv(federated_case, out)
+    shutil.copytree(after_cycle_3, out)
+    argv = _argv(federated_case, out, "--resume")
     with pytest.raises(SystemExit) as stopped:
         run_main(lambda: _simulate_faulty(argv, fault, out, "inprocess"))
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert stopped.value.code == 2 and len(errors) == 1 and "Traceback" not in err
     assert "center C02" in errors[0] and FAULTS[fault][2] in errors[0], errors[0]
-    if fault == "a malformed hello":  # before anything: no output at all
-        assert not (out / "qc.csv").exists()
-    else:  # the last complete cycle's files intact, nothing of cycle 4
-        assert (out / "qc_encoder_003.keras").is_file()
-        assert not (out / "qc_encoder_004.keras").exists()
-        assert set(pd.read_csv(out / "qc.csv").Cycle) == {0, 3}
+    # the last complete cycle's files intact, nothing of cycle 4
+    assert (out / "qc_encoder_003.keras").is_file()
+    assert not (out / "qc_encoder_004.keras").exists()
+    assert set(pd.read_csv(out / "qc.csv").Cycle) == {0, 3}
+    assert (out / "qc.csv").read_bytes() == (after_cycle_3 / "qc.csv").read_bytes()
 
-    simulate(parse_args([*argv, "--resume"]), engine="inprocess")  # the node mended
+    simulate(parse_args(argv), engine="inprocess")  # the node mended
     assert_same_qc_outputs(federated_case["single"](CYCLES, *FLAGS), out, last_cycle=CYCLES - 1)
 
 
-def test_exclude_leaves_the_faulty_center_out_and_the_run_finishes(federated_case: dict,
-                                                                   capsys, tmp_path: Path):
+def test_exclude_leaves_the_faulty_center_out_and_the_run_finishes(
+        federated_case: dict, after_cycle_3: Path, capsys, tmp_path: Path):
     """In Flower's Simulation Engine (Ray): the mod and the check across processes."""
     out = tmp_path / "out"
-    _simulate_faulty(_argv(federated_case, out, "--on-faulty-node", "exclude"),
+    shutil.copytree(after_cycle_3, out)
+    _simulate_faulty(_argv(federated_case, out, "--resume", "--on-faulty-node", "exclude"),
                      "NaN scores", out, "ray")
     printed = capsys.readouterr()
     warned = [line for line in (printed.out + printed.err).splitlines()
