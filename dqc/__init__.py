@@ -40,6 +40,9 @@ Modules, one job each:
   - `federated.__main__`: `python -m dqc.federated simulate|deploy|worker|app-dir`.
   - `federated.messages`: what travels between server and node, and nothing else.
   - `federated.server`: the roster, the remote step, verification at the centers, ServerApp.
+  - `federated.replies`: the one check of every node reply (hello, step, verify).
+  - `federated.runconfig`: the server's run config, checked, and the run specs built from it.
+  - `federated.inprocess`: server and nodes in one process, no Ray (tests, debugging).
   - `federated.node`: a center's images, one training step, the tally of its validation set.
   - `federated.simulate`: Simulation Engine: one simulated node per center of a CSV.
   - `federated.loopback`: Deployment Engine on 127.0.0.1: SuperLink, SuperNodes, TLS, auth.

@@ -327,11 +327,16 @@ class Federation:
         When the centers verify each update on their own validation images: what is known
         of that set, and the evaluator of the centers' round (the validation CSV is then
         not read); None: the server verifies on `-fn_test`.
+    left_out:
+        The run resumes without a center it excluded (`train` lacks its images): their
+        revisits are dropped and the reference is evaluated again, on the validation set
+        that remains.
     """
 
     train: pd.DataFrame
     make_step: StepFactory
     verify: tuple[Validation, EvaluatorFactory] | None = None
+    left_out: bool = False
 
 
 def run_quality_control(spec: RunSpec, qspec: QCSpec,
@@ -379,6 +384,11 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
         with clock.paused():  # timings are of the cycles only
             policy.baseline()
             _calibrate(policy, spec, trainer, meta)
+    elif federation is not None and federation.left_out:
+        kept = set(train.Subject)
+        policy.state.reference = None
+        policy.state.schedule = {c: [s for s in subjects if s in kept]
+                                 for c, subjects in policy.state.schedule.items()}
     out = Path(spec.out)
     run_cycles(spec, trainer, centers_of(train), range(first, spec.cycles.stop), step,
                prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv")

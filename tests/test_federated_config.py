@@ -15,11 +15,11 @@ import pytest
 
 from dqc.cli import Parser, add_qc_flags
 from dqc.federated.loopback import APP_DIR
-from dqc.federated.server import NETWORK_DEFAULTS, config_from_args, server_config
+from dqc.federated.runconfig import NETWORK_DEFAULTS, config_from_args, server_config
 from dqc.qc import combine, evaluate_predictions, tally
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = {"fn-train", "fn-test", "en", "pd", "cycles"}  # no default to copy
+REQUIRED = {"fn-train", "fn-test", "en", "pd", "cycles", "min-nodes"}  # no default to copy
 #: The app's own choices, not the method's: where the server writes, and no progress bars in
 #: a log that `flwr run --stream` relays line by line.
 OWN = {"out", "quiet"}

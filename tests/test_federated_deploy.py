@@ -7,8 +7,13 @@ script's results and every process it started is gone afterwards (`make test-dep
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -69,7 +74,7 @@ def test_deployed_run_gives_the_single_machine_results(federated_case: dict, tmp
 
     work, out = tmp_path / "work", tmp_path / "out"
     args = parse_args(["deploy", *federated_case["common"], "-cycles", str(CYCLES), *FLAGS,
-                       "--out", str(out), "--work", str(work)])
+                       "--out", str(out), "--work", str(work), "--ask-truth"])
     summary = deploy(args, timeout=900)
     assert not _processes_mentioning(str(work))  # SuperLink, SuperNodes, workers: all stopped
     assert summary == out / "qc_summary.json"
@@ -87,3 +92,69 @@ def test_deployed_run_gives_the_single_machine_results(federated_case: dict, tmp
     assert network["updates"] == len(log) - 1
     # the nodes read the images, through their workers; the TLS material stayed in the work dir
     assert (work / "tls" / "server.key").stat().st_mode & 0o077 == 0
+
+
+# --- a node that dies mid-run, a node that never connects: one line each ----------------------
+
+def _deploy_line(case: dict, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
+                 node: Callable[[str, subprocess.Popen, Path], None] | None,
+                 *flags: str) -> str:
+    """Deploy the tiny cohort (one QC cycle after the pre-trained ones; `node(name, process,
+    out)` is told of each SuperNode started, or with None, node-3 is never started); the one
+    error line it ends with, after checking that it is one line, exit status 2, and that
+    every process it started is gone."""
+    from dqc.cli import run_main
+    from dqc.federated.__main__ import parse_args
+    from dqc.federated.loopback import Federation, deploy
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    start_node = Federation.start_node
+
+    def started(fed, name, key, worker):
+        if node is None and name == "node-3":
+            return None  # this center never connects
+        process = start_node(fed, name, key, worker)
+        if node is not None:
+            node(name, process, out)
+        return process
+    monkeypatch.setattr(Federation, "start_node", started)
+    args = parse_args(["deploy", *case["common"], "-cycles", "5", "--out", str(out),
+                       "--work", str(work), *flags])
+    with pytest.raises(SystemExit) as stopped:
+        run_main(lambda: deploy(args, timeout=900))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert stopped.value.code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert not _processes_mentioning(str(work))
+    return errors[0]
+
+
+@pytest.mark.deploy
+def test_a_node_killed_mid_run_ends_the_run_in_one_line(federated_case: dict, tmp_path: Path,
+                                                         capsys, monkeypatch):
+    """Center C02's SuperNode (and its ClientApp) is killed once cycle 3 is saved: the
+    server names it after --node-timeout-s, and cycle 3's files stay."""
+    def kill_after_cycle_3(name: str, process: subprocess.Popen, out: Path) -> None:
+        def watch():
+            while process.poll() is None and not (out / "qc_encoder_003.keras").exists():
+                time.sleep(0.2)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        if name == "node-1":
+            threading.Thread(target=watch, daemon=True).start()
+
+    line = _deploy_line(federated_case, tmp_path, capsys, monkeypatch, kill_after_cycle_3,
+                        "--node-timeout-s", "30")
+    assert "center C02" in line and "did not answer within 30 s" in line, line
+    assert (tmp_path / "out" / "qc_encoder_003.keras").is_file()
+    assert not (tmp_path / "out" / "qc_encoder_004.keras").exists()
+
+
+@pytest.mark.deploy
+def test_a_node_that_never_connects_ends_the_run_in_one_line(federated_case: dict,
+                                                              tmp_path: Path, capsys,
+                                                              monkeypatch):
+    line = _deploy_line(federated_case, tmp_path, capsys, monkeypatch, None,
+                        "--wait-nodes-s", "20")
+    assert "1 of 4 center nodes missing after 20 s (connected: node " in line, line
+    assert not (tmp_path / "out" / "qc.csv").exists()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from dqc.errors import DQCError
-from dqc.federated.messages import (Identity, digest, identity_reply, pack, read_identity,
-                                    read_step_reply, read_step_request, roster_table,
-                                    step_reply, step_request, unpack)
+from dqc.federated.messages import (Identity, digest, identity_reply, pack, read_step_request,
+                                    roster_table, step_reply, step_request, unpack)
+from dqc.federated.replies import read_hello, read_step, read_tally
 
 
 def _state() -> list[np.ndarray]:
@@ -42,8 +42,12 @@ def test_step_messages_round_trip():
     key = digest(buffer)
     got, got_key, ids = read_step_request(step_request(buffer, key, ["s1", "s2"]))
     assert ids == ["s1", "s2"] and got_key == key and np.array_equal(got, buffer)
-    got, got_key, loss, acc, model_key = read_step_reply(step_reply(buffer, key, 0.25, 0.8, "m"))
-    assert np.array_equal(got, buffer) and got_key == key and model_key == "m"
+    state = _state()
+    model_key = digest(pack(state[:2]))
+    got, got_key, loss, acc, got_model = read_step(
+        step_reply(buffer, key, 0.25, 0.8, model_key), state,
+        [(a.shape, str(a.dtype)) for a in state], [False] * len(state), 0.0, n_model=2)
+    assert np.array_equal(pack(got), buffer) and got_key == key and got_model == model_key
     assert loss == pytest.approx(0.25) and acc == pytest.approx(0.8)
     # only the ids, a digest and one opaque buffer travel: no path, no image
     content = step_request(buffer, key, ["s1"])
@@ -68,11 +72,11 @@ def _ident(center: str, subjects: list[str], harmful: list[int] | None = None) -
 def test_identity_round_trip_carries_no_paths():
     ident = _ident("B", ["b1", "b2"], [0, 1])
     content = identity_reply(ident)
-    assert read_identity(content) == ident
+    assert read_hello(content) == ident
     assert set(content["identity"].keys()) == {"center", "subjects", "n_pd", "n_hc", "shape",
                                                "harmful", "val_hc", "val_pd",
                                                "val_also_training"}
-    assert read_identity(identity_reply(_ident("A", ["a1"]))).harmful is None
+    assert read_hello(identity_reply(_ident("A", ["a1"]))).harmful is None
 
 
 def test_roster_orders_centers_by_name_and_keeps_each_nodes_order():
@@ -102,8 +106,7 @@ def test_client_side_modules_import_no_tensorflow():
 
 
 def test_verify_messages_carry_a_tally_and_nothing_else():
-    from dqc.federated.messages import (read_verify_reply, read_verify_request,
-                                        verify_reply, verify_request)
+    from dqc.federated.messages import read_verify_request, verify_reply, verify_request
     from dqc.qc import tally
 
     model = pack(_state())
@@ -113,7 +116,7 @@ def test_verify_messages_carry_a_tally_and_nothing_else():
     y, s = np.array([0, 1, 1, 0]), np.array([0.2, 0.9, 0.4, 0.7], np.float32)
     counts = verify_reply(tally(y, s, "counts"))
     assert set(counts.keys()) == {"tally"}  # the paper's rule: counts only
-    back = read_verify_reply(counts)
+    back = read_tally(counts, (2, 2), "counts")
     assert (back.n_hc, back.n_pd, back.fp, back.fn) == (2, 2, 1, 1) and back.hc_scores is None
-    scores = read_verify_reply(verify_reply(tally(y, s, "scores")))
+    scores = read_tally(verify_reply(tally(y, s, "scores")), (2, 2), "scores")
     assert list(scores.hc_scores) == pytest.approx([0.2, 0.7]) and scores.pred == ""

@@ -11,7 +11,7 @@ app-dir:  the folder of the installed Flower app, for `flwr run APP_DIR CONNECTI
 """
 
 from dqc.cli import Parser, add_qc_flags, run_main
-from dqc.federated.server import NETWORK_DEFAULTS, VERIFY_AT
+from dqc.federated.runconfig import NETWORK_DEFAULTS, ON_FAULTY_NODE, VERIFY_AT
 
 
 def parse_args(argv=None):
@@ -28,9 +28,24 @@ def parse_args(argv=None):
         q.add_argument("--node-timeout-s", type=float, default=NETWORK_DEFAULTS["node-timeout-s"],
                        help="a node that does not answer a step or a verification within this "
                        "many seconds stops the run (one line naming it; continue with --resume)")
+        q.add_argument("--on-faulty-node", choices=ON_FAULTY_NODE,
+                       default=NETWORK_DEFAULTS["on-faulty-node"],
+                       help="a node whose reply fails the server's check (docs/threat-model.md): "
+                       "stop the run (one line naming it; mend it, continue with --resume), or "
+                       "exclude its center's images from then on (the summary names it)")
+        q.add_argument("--no-own-word", action="store_true", help="accept no update on its own "
+                       "center's word alone: refuse criteria that judge a batch by the loss its "
+                       "center reports (trainloss, combined) and verification at fewer than "
+                       "two centers (docs/threat-model.md)")
         if name == "deploy":
             q.add_argument("--work", default=None, help="folder for keys, certificates, node "
                            "CSVs and process logs (default: a temporary folder, removed after)")
+            q.add_argument("--wait-nodes-s", type=float, default=NETWORK_DEFAULTS["wait-nodes-s"],
+                           help="how long the server waits for every center's node to connect "
+                           "(then one line saying how many are missing)")
+            q.add_argument("--ask-truth", action="store_true", help="ask the nodes for their "
+                           "Harmful column (ground truth) to score detection; without it no "
+                           "node sends it and the summary has no detection rates")
             q.add_argument("--port", type=int, default=0, help="the SuperLink's loopback port "
                            "(default: a free one; nodes always take free ports)")
     sub.add_parser("app-dir", help="print the folder of the Flower app (for `flwr run`)",

@@ -3,12 +3,13 @@
 Server -> node: the model state (weights, BatchNorm statistics, dropout seed state, Adam
 state; `Trainer.state_arrays` order) and the subject ids of one update; to verify an update,
 the model alone (weights and BatchNorm statistics, no Adam state) and how much to tell.
+The server reads every reply through `dqc.federated.replies`, which checks it.
 Node -> server: the updated state and that step's loss and accuracy; to "verify": its
 validation images' `Tally` (counts; with criteria other than the paper's rule also its scores
 sorted within each class; for McNemar its 0/1 predictions and labels in its own order); to
 "who are you": the center name, its subject ids, label counts, its validation set's size by
-class, image shape and, for simulated studies only, the `Harmful` ground truth used for
-scoring. Never an image, never an image path, never a validation image's id.
+class, image shape and, only when the server asks for it (simulation, or a run that asks
+explicitly), the `Harmful` ground truth used for scoring. Never an image, never an image path, never a validation image's id.
 """
 
 from __future__ import annotations
@@ -88,12 +89,6 @@ def step_reply(state: np.ndarray, key: str, loss: float, accuracy: float,
                        "metrics": MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})})
 
 
-def read_step_reply(content: RecordDict) -> tuple[np.ndarray, str, float, float, str]:
-    metrics, keys = content["metrics"], content["key"]
-    return (content["state"].to_numpy_ndarrays()[0], str(keys["state"]),
-            metrics["loss"], metrics["accuracy"], str(keys["model"]))
-
-
 def verify_request(model: np.ndarray | None, key: str, detail: str) -> RecordDict:
     """Score your validation images with this model (`key` = `digest(model)`; `model` None:
     the node holds it) and tell `detail` (`dqc.qc.DETAILS`)."""
@@ -114,13 +109,6 @@ def verify_reply(t: Tally) -> RecordDict:
     if t.hc_scores is not None:
         records["scores"] = ArrayRecord([np.asarray(t.hc_scores), np.asarray(t.pd_scores)])
     return RecordDict(records)
-
-
-def read_verify_reply(content: RecordDict) -> Tally:
-    r = content["tally"]
-    hc, pd_ = content["scores"].to_numpy_ndarrays() if "scores" in content else (None, None)
-    return Tally(int(r["n_hc"]), int(r["n_pd"]), int(r["fp"]), int(r["fn"]), hc, pd_,
-                 str(r["pred"]), str(r["truth"]))
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -154,12 +142,15 @@ def identity_reply(identity: Identity) -> RecordDict:
     return RecordDict({"identity": ConfigRecord(values)})
 
 
-def read_identity(content: RecordDict) -> Identity:
-    r = content["identity"]
-    harmful = list(r["harmful"]) if "harmful" in r else None
-    return Identity(str(r["center"]), [str(s) for s in r["subjects"]], int(r["n_pd"]),
-                    int(r["n_hc"]), tuple(int(v) for v in r["shape"]), harmful,
-                    int(r["val_hc"]), int(r["val_pd"]), [str(s) for s in r["val_also_training"]])
+def whoami_request(truth: bool = False) -> RecordDict:
+    """"Who are you?"; with `truth`, also "what is your images' ground truth" (`Harmful`),
+    which a node tells only when asked: in simulation, or when the run asks explicitly."""
+    return RecordDict({"whoami": ConfigRecord({"truth": bool(truth)})})
+
+
+def read_whoami_request(content: RecordDict) -> bool:
+    """Whether the server asks for the ground truth (an old server's bare request: no)."""
+    return "whoami" in content and content["whoami"].get("truth") is True
 
 
 def roster_table(identities: Sequence[Identity]) -> "pd.DataFrame":

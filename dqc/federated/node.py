@@ -19,10 +19,11 @@ from typing import Callable, Sequence
 import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from dqc.errors import DQCError
 from dqc.federated.messages import (MISSING, REFUSED, Identity, StateMissing, digest,
-                                    identity_reply, pack, read_step_request,
+                                    identity_reply, pack, read_step_request, read_whoami_request,
                                     read_verify_request, step_reply, unpack, verify_reply)
 from dqc.qc import DETAILS, Tally
 
@@ -61,9 +62,10 @@ class CenterNode:
         # of the last one trained here, which the next verification names by digest only
         self._models: dict[str, tuple[str, np.ndarray]] = {}
 
-    def identity(self) -> Identity:
+    def identity(self, truth: bool = False) -> Identity:
+        """Who this center is; its ground truth (`Harmful`) only when `truth` is asked for."""
         t, v = self.table, self.val
-        harmful = [int(h) for h in t.Harmful] if "Harmful" in t.columns else None
+        harmful = [int(h) for h in t.Harmful] if truth and "Harmful" in t.columns else None
         n_pd = int(t.Group_bin.sum())
         val_pd = int(v.Group_bin.sum()) if v is not None else 0
         return Identity(self.center, list(t.Subject), n_pd, len(t) - n_pd, self.shape, harmful,
@@ -173,12 +175,14 @@ def setup_node_runtime() -> None:
     setup_runtime(seed=0)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def center_node(files: NodeFiles) -> CenterNode:
     """The node of its CSVs, built once per process (images read, model compiled).
 
     A process-wide cache on purpose: Flower hands a simulation actor a fresh copy of the
     ClientApp with every message, so a cache inside the app would be rebuilt every time.
+    Unbounded: a simulation actor serves every center (83 in the paper), and a bounded cache
+    visited in travelling order would evict each node just before it is needed again.
     """
     node = CenterNode(files[0], files[1] or None)
     node.ready()  # the model too: a node is slow once, when it first answers "who are you"
@@ -210,8 +214,8 @@ class WorkerNode:
             raise (StateMissing if status == "missing" else DQCError)(result[0])
         return result
 
-    def identity(self) -> Identity:
-        return self._call(("whoami",))[0]
+    def identity(self, truth: bool = False) -> Identity:
+        return self._call(("whoami", truth))[0]
 
     def train_step(self, state: np.ndarray | None, key: str,
                    ids: Sequence[str]) -> tuple[np.ndarray, str, float, float, str]:
@@ -255,7 +259,7 @@ def serve_worker(csv_path: str | Path, socket_path: str | Path,
                 request = conn.recv()
                 try:
                     if request[0] == "whoami":
-                        conn.send(("ok", node.identity()))
+                        conn.send(("ok", node.identity(*request[1:])))
                     elif request[0] == "verify":
                         conn.send(("ok", node.verify(*request[1:])))
                     else:
@@ -273,9 +277,11 @@ def node_for(context: Context, csv_for: Callable[[Context], NodeFiles]):
     return center_node(csv_for(context))
 
 
-def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv) -> ClientApp:
-    """The ClientApp: "who are you", "train one step on these ids" and "verify this model"."""
-    app = ClientApp()
+def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv,
+               mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp: "who are you", "train one step on these ids" and "verify this model".
+    `mods`: Flower mods wrapped around every handler (e.g. differential privacy)."""
+    app = ClientApp(mods=list(mods))
 
     def answer(msg: Message, work: Callable[[], object]) -> Message:
         try:
@@ -286,7 +292,8 @@ def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv) -> ClientApp:
 
     @app.query("whoami")
     def whoami(msg: Message, context: Context) -> Message:
-        return answer(msg, lambda: identity_reply(node_for(context, csv_for).identity()))
+        truth = read_whoami_request(msg.content)
+        return answer(msg, lambda: identity_reply(node_for(context, csv_for).identity(truth)))
 
     @app.train("step")
     def step(msg: Message, context: Context) -> Message:

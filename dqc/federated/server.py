@@ -11,14 +11,14 @@ Undoing an update is not adopting it: the server restores its own snapshot, as o
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,53 +27,27 @@ from flwr.serverapp import Grid, ServerApp
 
 from dqc.errors import DQCError
 from dqc.federated.messages import (MISSING, STEP, VERIFY, WHOAMI, Identity, StateMissing,
-                                    digest, pack, payload_bytes, read_identity,
-                                    read_step_reply, read_verify_reply, roster_table,
-                                    step_request, unpack, verify_request)
+                                    digest, pack, payload_bytes, roster_table, step_request,
+                                    unpack, verify_request, whoami_request)
+from dqc.federated.replies import ReplyFault, adam_step_bound, read_hello, read_step, read_tally
+from dqc.federated.runconfig import (NETWORK_DEFAULTS, VERIFY_AT, config_from_args,
+                                     read_config, server_config, specs_from_config)
 from dqc.qc import Evaluation, combine
 
-#: Where each update is verified: on the centers' own validation images (the paper's design:
-#: the server holds no image), or on a validation set the server holds.
-VERIFY_AT = ("centers", "server")
-#: Run-config keys of the ServerApp beyond the QC flags (see the Flower app's pyproject.toml).
-NETWORK_DEFAULTS = {"verify-at": "centers", "min-nodes": 1, "wait-nodes-s": 120.0,
-                    "node-timeout-s": 600.0, "poll-s": 0.005}
+T = TypeVar("T")
+
+__all__ = ["NETWORK_DEFAULTS", "VERIFY_AT", "config_from_args", "server_config",
+           "specs_from_config", "serve", "server_app", "check_server_inputs", "FaultyNode"]
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-    """Run config (Flower style keys) from `dqc.cli.add_qc_flags` values; no training CSV."""
-    skip = {"fn_train", "cache_mb", "no_cache", "mixed_precision", "command", "work", "port"}
-    return {k.replace("_", "-"): v for k, v in vars(args).items()
-            if k not in skip and v is not None}
+class FaultyNode(DQCError):
+    """A node's reply failed the check (`dqc.federated.replies`): one line naming its
+    center and the fault; `center` is None when the node never said which it is."""
 
-
-def server_config(args: argparse.Namespace) -> dict:
-    """The server's run config from the command line: with verification at the centers it
-    does not hold the validation CSV (the nodes do)."""
-    config = config_from_args(args)
-    if config.get("verify-at") == "centers":
-        config.pop("fn-test", None)
-    return config
-
-
-def specs_from_config(config: dict):
-    """(`RunSpec`, `QCSpec`) for the server from a run config: the QC script's flags with
-    their defaults, overridden by the config's keys (float32, images cached)."""
-    from dqc.cli import Parser, add_qc_flags, qc_specs
-
-    values = {k.replace("-", "_"): v for k, v in config.items()}
-    needed = ("en", "pd", "cycles") + (("fn_test",) if values.get("verify_at") == "server" else ())
-    missing = [k for k in needed if not values.get(k)]
-    if missing:
-        raise DQCError("run config lacks " + ", ".join(k.replace("_", "-") for k in missing))
-    parser = Parser()
-    add_qc_flags(parser)
-    args = parser.parse_args(["-fn_train", "", "-fn_test", "", "-cycles", "0", "-en", "",
-                              "-pd", ""])
-    vars(args).update({k: v for k, v in values.items() if k in vars(args) and k != "fn_train"})
-    args.cycles, args.start_cycle = int(args.cycles), int(args.start_cycle)
-    return qc_specs(args)
-
+    def __init__(self, who: str, center: str | None, fault: ReplyFault):
+        self.center = center
+        super().__init__(f"{who} is faulty: {fault}; nothing of it was adopted. Mend it and "
+                         "rerun with --resume, or leave it out with --on-faulty-node exclude")
 
 def check_server_inputs(spec, qspec, verify_at: str = "centers") -> None:
     """Fail before any node is contacted when the server's own files are unusable. With
@@ -128,6 +102,17 @@ class Fleet:
                 time.sleep(self.poll)
         return replies
 
+    def checked(self, reply: Message, read: Callable[[RecordDict], T]) -> T:
+        """`read(reply.content)` (a `dqc.federated.replies` reader); a fault names the center."""
+        try:
+            return read(reply.content)
+        except ReplyFault as fault:
+            node = reply.metadata.src_node_id
+            center = next((c for c, n in self.nodes.items() if n == node and c != str(node)), None)
+            said = center or _claimed_center(reply.content)  # a faulty hello: what it says
+            raise FaultyNode(self._name(node, {node: said} if said else {}), center,
+                             fault) from None
+
     @staticmethod
     def _name(node: int, names: dict[int, str]) -> str:
         center = names.get(node)
@@ -140,21 +125,36 @@ class Fleet:
                            "bytes_received": sum(payload_bytes(m.content) for m in received)})
 
 
+def _claimed_center(content: RecordDict) -> str | None:
+    """The center a (faulty) hello names, if it names one: only to say who sent it."""
+    try:
+        center = content["identity"]["center"]
+    except (KeyError, TypeError):
+        return None
+    return center if isinstance(center, str) and center.strip() else None
+
+
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """The ids of the connected nodes once `minimum` are; past `timeout` s, one line saying
+    who connected and how many are missing (the server cannot name a node it never met)."""
     deadline = time.monotonic() + timeout
-    while len(ids := list(grid.get_node_ids())) < minimum:
+    while len(ids := sorted(grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
-            raise DQCError(f"{len(ids)} of {minimum} center nodes connected within {timeout:.0f} s")
+            raise DQCError(f"{minimum - len(ids)} of {minimum} center nodes missing after "
+                           f"{timeout:g} s (connected: "
+                           + (", ".join(f"node {i}" for i in ids) or "none")
+                           + "); start them, or lower min-nodes")
         time.sleep(0.5)
     return ids
 
 
-def roster(grid: Grid, node_ids: Sequence[int], timeout: float,
-           poll: float) -> tuple[pd.DataFrame, Fleet, list[Identity]]:
-    """Ask every node who it is: the training table, the fleet, the identities."""
+def roster(grid: Grid, node_ids: Sequence[int], timeout: float, poll: float,
+           truth: bool = False) -> tuple[pd.DataFrame, Fleet, list[Identity]]:
+    """Ask every node who it is (and, with `truth`, its images' ground truth): the training
+    table, the fleet, the identities."""
     fleet = Fleet(grid, {str(n): n for n in node_ids}, timeout, poll)
-    replies = fleet.exchange([Message(RecordDict(), node, WHOAMI) for node in node_ids])
-    identities = [read_identity(r.content) for r in replies]
+    replies = fleet.exchange([Message(whoami_request(truth), node, WHOAMI) for node in node_ids])
+    identities = [fleet.checked(r, read_hello) for r in replies]
     table = roster_table(identities)
     fleet.nodes = {i.center: r.metadata.src_node_id for i, r in zip(identities, replies)}
     return table, fleet, identities
@@ -171,6 +171,8 @@ class RemoteStep:
     def __init__(self, fleet: Fleet, trainer):
         self.fleet, self.trainer = fleet, trainer
         self.states_sent = 0
+        trainable = {id(v) for v in trainer.model.trainable_variables}
+        self.bounded = [id(v) in trainable for v in trainer.state_variables]
 
     def _send(self, center: str, state: np.ndarray | None, key: str, ids: list[str]):
         msg = Message(step_request(state, key, ids), self.fleet.nodes[center], STEP,
@@ -188,8 +190,16 @@ class RemoteStep:
             msg, reply = self._send(center, None if held else state, key, ids)
         except StateMissing:
             msg, reply = self._send(center, state, key, ids)
-        out, out_key, loss, acc, model_key = read_step_reply(reply[0].content)
-        self.trainer.load_state_arrays(unpack(out, self.trainer.state_spec()))
+        from keras import ops
+
+        optimizer = self.trainer.optimizer
+        lr = float(ops.convert_to_numpy(optimizer.learning_rate))
+        sent = unpack(state, self.trainer.state_spec())
+        arrays, out_key, loss, acc, model_key = self.fleet.checked(reply[0], partial(
+            read_step, sent=sent, spec=self.trainer.state_spec(), bounded=self.bounded,
+            max_step=adam_step_bound(lr, optimizer.beta_1, optimizer.beta_2),
+            n_model=len(self.trainer.model.variables)))
+        self.trainer.load_state_arrays(arrays)
         self.fleet.held[center] = {key, out_key}
         self.fleet.produced[center] = model_key
         self.fleet.record("step", start, [msg], reply)
@@ -203,10 +213,11 @@ class RemoteVerify:
     not hold it (the node that just trained it, or one that verified it already, gets its
     digest)."""
 
-    def __init__(self, fleet: Fleet, trainer, centers: Sequence[str], detail: str,
+    def __init__(self, fleet: Fleet, trainer, declared: dict[str, tuple[int, int]], detail: str,
                  legacy_rates: bool):
         self.fleet, self.trainer = fleet, trainer
-        self.centers, self.detail, self.legacy_rates = sorted(centers), detail, legacy_rates
+        self.centers, self.detail, self.legacy_rates = sorted(declared), detail, legacy_rates
+        self.declared = declared  # center -> its validation images (HC, PD), from its hello
 
     def _round(self, model: np.ndarray, key: str, force: bool) -> tuple[list, list]:
         fleet = self.fleet
@@ -225,7 +236,10 @@ class RemoteVerify:
             sent, replies = self._round(model, key, force=False)
         except StateMissing:  # a node lost what the server thought it held: send to all
             sent, replies = self._round(model, key, force=True)
-        by_node = {r.metadata.src_node_id: read_verify_reply(r.content) for r in replies}
+        names = {n: c for c, n in self.fleet.nodes.items()}
+        by_node = {r.metadata.src_node_id: self.fleet.checked(r, partial(
+            read_tally, declared=self.declared[names[r.metadata.src_node_id]],
+            detail=self.detail)) for r in replies}
         self.fleet.verified = key
         self.fleet.record("verify", start, sent, replies)
         return combine([by_node[self.fleet.nodes[c]] for c in self.centers], self.legacy_rates)
@@ -256,7 +270,7 @@ def centers_validation(identities: Sequence[Identity]):
         f"{i.center} {i.val_hc} HC/{i.val_pd} PD" for i in holders) + ")"
     also = tuple(sorted(s for i in holders for s in i.val_also_training))
     return Validation(sum(i.val_hc for i in holders), sum(i.val_pd for i in holders), where,
-                      also), [i.center for i in holders]
+                      also), {i.center: (i.val_hc, i.val_pd) for i in holders}
 
 
 def network_figures(fleet: Fleet, states_sent: int) -> dict:
@@ -284,24 +298,67 @@ def network_figures(fleet: Fleet, states_sent: int) -> dict:
 def serve(grid: Grid, config: dict) -> dict:
     """Run quality control with the nodes of `grid`; returns the network figures."""
     from dqc.io import write_text
-    from dqc.runs import Federation, run_quality_control
 
-    config = {**NETWORK_DEFAULTS, **config}
-    verify_at = str(config["verify-at"])
+    values = read_config(config)
+    verify_at = values["verify-at"]
     spec, qspec = specs_from_config(config)
     check_server_inputs(spec, qspec, verify_at)
-    poll, timeout = float(config["poll-s"]), float(config["node-timeout-s"])
-    node_ids = wait_for_nodes(grid, int(config["min-nodes"]), float(config["wait-nodes-s"]))
+    if values["no-own-word"]:
+        check_no_own_word(qspec, spec.batch_size)
+    timeout, wait = values["node-timeout-s"], values["wait-nodes-s"]
+    node_ids = wait_for_nodes(grid, values["min-nodes"], wait)
     # a node loads its images and builds its model when first asked who it is: that answer
     # may take as long as a node may take to connect
-    table, fleet, identities = roster(grid, node_ids, max(timeout, float(config["wait-nodes-s"])),
-                                      poll)
+    _, fleet, identities = roster(grid, node_ids, max(timeout, wait), values["poll-s"],
+                                  truth=values["ask-truth"])
     fleet.timeout = timeout
     spec.echo(f"{len(fleet.nodes)} center nodes: " + ", ".join(
         f"{i.center} ({len(i.subjects)} images, {i.n_pd} PD"
         + (f"; validation {i.val_hc + i.val_pd}" if i.val_hc + i.val_pd else "") + ")"
         for i in sorted(identities, key=lambda i: i.center)))
     steps: list[RemoteStep] = []
+    excluded: dict[str, dict] = {}
+    while True:
+        try:
+            _run(spec, qspec, fleet, identities, verify_at, steps, bool(excluded),
+                 values["no-own-word"])
+            break
+        except FaultyNode as fault:
+            if values["on-faulty-node"] == "stop" or fault.center is None:
+                raise
+            identities = [i for i in identities if i.center != fault.center]
+            excluded[fault.center] = _exclude(spec, fleet, fault)
+    figures = {"verify_at": verify_at, **network_figures(fleet, sum(s.states_sent for s in steps)),
+               "excluded_centers": excluded}
+    write_text(Path(spec.out) / f"{qspec.name}_network.json", json.dumps(figures, indent=2))
+    if excluded:
+        _note_exclusions(Path(spec.out) / f"{qspec.name}_summary.json", excluded)
+    spec.echo(f"{figures['updates']} remote updates, median {figures['median_update_s'] or 0:.3f} s"
+              f" per training round trip"
+              + (f", {figures['median_verify_s']:.3f} s per verification at the centers"
+                 if figures["verifications"] else ""))
+    return figures
+
+
+def check_no_own_word(qspec, batch_size: int) -> None:
+    """With no-own-word, every update, a batch or one image, is judged on validation images
+    (at the centers, all of them together, or at the server), never on the loss its own
+    center reports for it (docs/threat-model.md).
+
+    Parameters
+    ----------
+    qspec: the run's `QCSpec` (its criterion); batch_size: images per regular update.
+    """
+    rule = qspec.rule()
+    if not (rule.needs_evaluation(batch_size) and rule.needs_evaluation(1)):
+        raise DQCError(f"no-own-word: criterion {qspec.criterion} accepts a batch on its own "
+                       "center's training loss; use rates, loss, mcnemar or heldout")
+
+
+def _run(spec, qspec, fleet: Fleet, identities: Sequence[Identity], verify_at: str,
+         steps: list[RemoteStep], left_out: bool, no_own_word: bool) -> None:
+    """One `run_quality_control` with these centers (resumed after an exclusion)."""
+    from dqc.runs import Federation, run_quality_control
 
     def make_step(trainer) -> RemoteStep:
         _check_shapes(identities, trainer)
@@ -310,17 +367,37 @@ def serve(grid: Grid, config: dict) -> dict:
 
     verify = None
     if verify_at == "centers":
-        validation, holders = centers_validation(identities)
+        validation, declared = centers_validation(identities)
+        if no_own_word and len(declared) < 2:
+            raise DQCError(f"no-own-word: only {', '.join(declared)} holds validation images, "
+                           "so its tallies alone would judge its own updates; give a second "
+                           "center validation images, or use --verify-at server")
         verify = (validation, lambda trainer: RemoteVerify(
-            fleet, trainer, holders, qspec.rule().evaluation_detail(), qspec.legacy_rates))
-    run_quality_control(spec, qspec, federation=Federation(table, make_step, verify))
-    figures = {"verify_at": verify_at, **network_figures(fleet, steps[0].states_sent)}
-    write_text(Path(spec.out) / f"{qspec.name}_network.json", json.dumps(figures, indent=2))
-    spec.echo(f"{figures['updates']} remote updates, median {figures['median_update_s'] or 0:.3f} s"
-              f" per training round trip"
-              + (f", {figures['median_verify_s']:.3f} s per verification at the centers"
-                 if figures["verifications"] else ""))
-    return figures
+            fleet, trainer, declared, qspec.rule().evaluation_detail(), qspec.legacy_rates))
+    run_quality_control(spec, qspec, federation=Federation(roster_table(identities), make_step,
+                                                           verify, left_out))
+
+
+def _exclude(spec, fleet: Fleet, fault: FaultyNode) -> dict:
+    """Leave a faulty center out: the run goes on from its last complete cycle without it."""
+    from dqc.checkpoint import last_complete_cycle
+
+    last = last_complete_cycle(spec.out, spec.prefix)
+    start = spec.cycles.start if last is None else last + 1
+    fleet.nodes.pop(fault.center)
+    spec.resume = True
+    spec.echo(f"warning: {fault}: center {fault.center} excluded, its images left out from "
+              f"cycle {start} on")
+    return {"from_cycle": start, "fault": str(fault)}
+
+
+def _note_exclusions(path: Path, excluded: dict[str, dict]) -> None:
+    """The summary names the centers left out, and why."""
+    from dqc.io import write_json
+
+    summary = json.loads(path.read_text())
+    summary["excluded_centers"] = excluded
+    write_json(path, summary)
 
 
 def server_app(config: dict | None = None, outcome: dict | None = None) -> ServerApp:

@@ -12,9 +12,10 @@ import os
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from flwr.app import Context
+from flwr.clientapp.typing import Mod
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -82,11 +83,14 @@ def backend_config(cpus: int | None = None) -> dict:
 
 
 def simulate(args: argparse.Namespace,
-             node_files: Callable[[Context], NodeFiles] | None = None) -> dict:
+             node_files: Callable[[Context], NodeFiles] | None = None,
+             mods: Sequence[Mod] = (), engine: str = "ray") -> dict:
     """Run the federated QC in Flower's Simulation Engine; returns the network figures.
 
     `node_files` tells each simulated node its CSVs (default: the split of -fn_train and
-    -fn_test in OUT/nodes, by partition id)."""
+    -fn_test in OUT/nodes, by partition id); `mods`: Flower mods around every node's
+    handlers; `engine` "inprocess": no Ray, every node called in this process
+    (`dqc.federated.inprocess`)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
@@ -94,15 +98,22 @@ def simulate(args: argparse.Namespace,
     # flwr turns DeprecationWarnings on for everyone; Keras' own are not the user's business
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"keras(\.|$)")
 
-    config = server_config(args)
     rows = rows_by_center(args.fn_train, args.fn_test if args.verify_at == "centers" else None)
+    # a simulated study's ground truth is its own: the nodes are asked for it
+    config = {**server_config(args), "min-nodes": len(rows), "ask-truth": True}
     check_server_inputs(*specs_from_config(config), args.verify_at)  # before Ray starts
     nodes_dir = Path(args.out) / "nodes"
     nodes = write_node_csvs(rows, nodes_dir)
     outcome: dict = {}
-    run_simulation(server_app=server_app(config, outcome),
-                   client_app=client_app(node_files or partial(node_csv, nodes_dir=str(nodes_dir))),
-                   num_supernodes=len(nodes), backend_config=backend_config())
+    server = server_app(config, outcome)
+    nodes_app = client_app(node_files or partial(node_csv, nodes_dir=str(nodes_dir)), mods)
+    if engine == "inprocess":
+        from dqc.federated.inprocess import run_in_process
+
+        run_in_process(server, nodes_app, len(nodes))
+    else:
+        run_simulation(server_app=server, client_app=nodes_app, num_supernodes=len(nodes),
+                       backend_config=backend_config())
     if "error" in outcome:
         raise DQCError(outcome["error"])
     if "figures" not in outcome:
