@@ -177,6 +177,9 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--z", type=float, default=defaults.Z, help="trainloss: robust z-score bound")
     p.add_argument("--window", type=int, default=defaults.WINDOW, help="trainloss: how many accepted "
                    "updates' losses to compare with (flags nothing before 10 are known)")
+    p.add_argument("--no-report", action="store_true", help="do not write NAME_report.html "
+                   "(the run's page: settings, validation figure, per-center table, the "
+                   "eliminated and pending images; rewritten after every cycle)")
     add_lr_schedule_flag(p)
     add_run_flags(p, seed=defaults.SEED, prefix=None)
 
@@ -192,7 +195,7 @@ def qc_specs(args: argparse.Namespace):
     qspec = QCSpec(val_csv=args.fn_test, error=args.error, revisit=args.revisit,
                    name=args.fn_save, legacy_rates=args.legacy_rates,
                    criterion=args.criterion, alpha=float(args.alpha), z=float(args.z),
-                   window=int(args.window))
+                   window=int(args.window), report=not args.no_report)
     return spec, qspec
 
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from dqc import checkpoint, defaults, qc_report
+from dqc import checkpoint, defaults, qc_page, qc_report
 from dqc.authors import AuthorsPair
 from dqc.data import image_shape, load_table, require_both_classes, row_source
 from dqc.errors import DQCError
@@ -150,14 +150,15 @@ def train_cycles(spec: RunSpec, probe: Probe = Probe()) -> list[CycleStats]:
 
 def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], cycles: range,
                step: Step, prefetch: Callable[[list[str]], None] | None, clock: Timings,
-               policy: QualityControl | None = None, log: Path | None = None
+               policy: QualityControl | None = None, log: Path | None = None,
+               after: Callable[[QualityControl, int], None] | None = None
                ) -> list[CycleStats]:
     """The one loop of every run: each cycle travels the centers, then is checkpointed
     (atomically, so `--resume` continues after the last whole one) and reported in a line.
 
     With a QC `policy` each update is verified (`policy.verify_batch` instead of `step`),
     the cycle ends with the revisit pass, and the QC state and its log (`log`) are written
-    with the cycle; without, the cycle's batch losses are kept (a later QC run's trainloss
+    with the cycle, then `after(policy, cycle)` runs (the report); without, the cycle's batch losses are kept (a later QC run's trainloss
     window starts with them).
     """
     history = []
@@ -179,6 +180,8 @@ def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], c
             qc_report.write_log(policy, log)
             meta["qc"] = policy.state.to_json()
         checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle, meta)
+        if after is not None:
+            after(policy, cycle)
         spec.echo(stats.line() if policy is None
                   else qc_report.cycle_line(policy, cycle, stats, clock.last("cycle")))
         history.append(stats)
@@ -200,6 +203,7 @@ class QCSpec:
     alpha: float = defaults.ALPHA
     z: float = defaults.Z
     window: int = defaults.WINDOW
+    report: bool = True  # NAME_report.html after every cycle (dqc.qc_page)
 
     def rule(self) -> Criterion:
         return Criterion(self.criterion, error=self.error, alpha=self.alpha, z=self.z,
@@ -301,7 +305,9 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                         train: pd.DataFrame | None = None,
                         make_step: StepFactory | None = None,
                         verify: tuple[Validation, EvaluatorFactory] | None = None,
-                        probe: Probe = Probe()) -> QualityControl:
+                        probe: Probe = Probe(),
+                        on_cycle: Callable[[QualityControl, int], None] | None = None
+                        ) -> QualityControl:
     """Travelling model with verification, revisit, elimination (docs/method.md, "Quality control").
 
     `evaluate` replaces the validation-set evaluator (tests use a deterministic stand-in).
@@ -310,6 +316,8 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     centers verify each update on their own validation images, `verify`: what is known of
     that set and the evaluator of the centers' round; the validation CSV is then not read.
     The loop, the policy and the outputs are this same code. `probe`: the benchmark's.
+    `on_cycle(policy, cycle)` runs after each cycle's report (the federated server's news to
+    the centers).
     """
     setup_runtime(spec.seed, spec.mixed_precision)
     if train is None:
@@ -349,7 +357,8 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
             policy.baseline()
     out = Path(spec.out)
     run_cycles(spec, trainer, centers_of(train), range(first, spec.cycles.stop), step,
-               prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv")
+               prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv",
+               after=qc_page.cycle_hook(spec, qspec, train, on_cycle))
     qc_report.write_outputs(policy, train, out, qspec.name, spec.cycles)
     spec.echo(qc_report.summary_table(policy, train))
     return policy
