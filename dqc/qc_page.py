@@ -155,8 +155,8 @@ def next_step(data: PageData, done: int) -> str:
     if not eliminated and not pending:
         return progress + ("Nothing is eliminated or waiting for a retry: no image to look at; "
                            "the training set passed this criterion so far.")
-    look = (f"Look at the {eliminated} eliminated and {pending} pending image(s) below"
-            + (f" {data.where_images}" if data.where_images else "") + ". ")
+    look = (f"Look at the {eliminated} eliminated and {pending} pending image(s) listed below"
+            + (f" (no pixels here: {data.where_images})" if data.mosaic is None else "") + ". ")
     action = ("If they look broken, remove the eliminated rows (status <code>eliminated</code> "
               "in <code>NAME_images.csv</code>) from the training CSV and re-run; if they look "
               "fine, the criterion is too strict for this data: raise its threshold.")
@@ -199,7 +199,11 @@ def _card(row, tries: pd.DataFrame, data: PageData) -> str:
     if "Harmful" in data.images.columns:
         kind = "harmful" if int(row.Harmful) else "good"
         truth = f'<span class="tag {kind}">{kind} (ground truth)</span>'
-    label = LABELS.get(data.labels.get(row.Subject), "?")
+    label = data.labels.get(row.Subject)
+    label = f" &middot; label {LABELS[int(label)]}" if label is not None else ""
+    when = (f"retried in cycle {_cycle(row.revisit_cycle)} &middot; eliminated in cycle "
+            f"{_cycle(row.eliminated_cycle)}" if row.status == "eliminated"
+            else f"retry due in cycle {_cycle(row.revisit_cycle)}")
     picture = _img(data.mosaic(row.Subject), "mosaic", f"{row.Subject}: axial, coronal, "
                    "sagittal middle slices") if data.mosaic else ""
     lines = "".join(
@@ -208,10 +212,8 @@ def _card(row, tries: pd.DataFrame, data: PageData) -> str:
         for t in tries.itertuples())
     return (f'<div class="card" data-subject="{_esc(row.Subject)}" data-status="{row.status}">'
             f"<h3>{_esc(row.Subject)}{status}{truth}</h3>{picture}"
-            f"<div>center <b>{_esc(row.Study)}</b> &middot; label {label} &middot; first flagged "
-            f"in cycle {_cycle(row.first_flagged_cycle)} &middot; retried in cycle "
-            f"{_cycle(row.revisit_cycle)} &middot; eliminated in cycle "
-            f"{_cycle(row.eliminated_cycle)}</div>"
+            f"<div>center <b>{_esc(row.Study)}</b>{label} &middot; first flagged in cycle "
+            f"{_cycle(row.first_flagged_cycle)} &middot; {when}</div>"
             f'<ul class="tries">{lines}</ul></div>')
 
 
@@ -310,8 +312,8 @@ class Reporter:
         self.planned = (spec.cycles.start, spec.cycles.stop - 1)
         here = "Path" in train.columns
         self.mosaic = Mosaics(dict(zip(train.Subject, train.Path))) if here else None
-        self.where = "" if here else ("each stays at its center: the center's node, run with "
-                                      "--report DIR, shows its own")
+        self.where = "" if here else ("each image stays at its center, whose node, run with "
+                                      "--report DIR, shows it on the center's own page")
 
     def __call__(self, policy: "QualityControl", cycle: int) -> None:
         labels = dict(zip(self.train.Subject, self.train.Group_bin)) \

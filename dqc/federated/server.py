@@ -26,10 +26,10 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from dqc.errors import DQCError
-from dqc.federated.messages import (MISSING, STEP, VERIFY, WHOAMI, Identity, StateMissing,
-                                    digest, pack, payload_bytes, read_identity,
-                                    read_step_reply, read_verify_reply, roster_table,
-                                    step_request, unpack, verify_request)
+from dqc.federated.messages import (MISSING, REPORT, STEP, VERIFY, WHOAMI, Identity,
+                                    StateMissing, digest, pack, payload_bytes, read_identity,
+                                    read_step_reply, read_verify_reply, report_request,
+                                    roster_table, step_request, unpack, verify_request)
 from dqc.qc import Evaluation, combine
 
 #: Where each update is verified: on the centers' own validation images (the paper's design:
@@ -281,6 +281,21 @@ def network_figures(fleet: Fleet, states_sent: int) -> dict:
                                      for c in checks]}
 
 
+def tell_centers(fleet: Fleet, train: pd.DataFrame, spec, qspec):
+    """The `on_cycle` hook that sends each center the decisions about its own images (for
+    its node's page: `dqc.qc_page.center_payload`), never another center's, never a pixel."""
+    from dqc.qc_page import center_payload, settings
+
+    shown, planned = settings(spec, qspec), (spec.cycles.start, spec.cycles.stop - 1)
+
+    def tell(policy, cycle: int) -> None:
+        fleet.exchange([Message(report_request(center_payload(policy, train, center, cycle,
+                                                              shown, planned, qspec.name)),
+                                node, REPORT, group_id=center)
+                        for center, node in sorted(fleet.nodes.items())])
+    return tell
+
+
 def serve(grid: Grid, config: dict) -> dict:
     """Run quality control with the nodes of `grid`; returns the network figures."""
     from dqc.io import write_text
@@ -313,7 +328,9 @@ def serve(grid: Grid, config: dict) -> dict:
         validation, holders = centers_validation(identities)
         verify = (validation, lambda trainer: RemoteVerify(
             fleet, trainer, holders, qspec.rule().evaluation_detail(), qspec.legacy_rates))
-    run_quality_control(spec, qspec, train=table, make_step=make_step, verify=verify)
+    run_quality_control(spec, qspec, train=table, make_step=make_step, verify=verify,
+                        on_cycle=tell_centers(fleet, table, spec, qspec) if qspec.report
+                        else None)
     figures = {"verify_at": verify_at, **network_figures(fleet, steps[0].states_sent)}
     write_text(Path(spec.out) / f"{qspec.name}_network.json", json.dumps(figures, indent=2))
     spec.echo(f"{figures['updates']} remote updates, median {figures['median_update_s'] or 0:.3f} s"
