@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -79,6 +80,8 @@ def test_the_page_shows_every_section_and_exactly_the_runs_eliminated_and_pendin
 def test_the_page_opens_in_a_real_browser_and_every_image_decodes(run, tmp_path):
     browser = find_browser()
     if browser is None:
+        if os.environ.get("DQC_REQUIRE_BROWSER"):  # set by .ci/run, which installs it
+            pytest.fail("no Chromium on PATH, and DQC_REQUIRE_BROWSER is set")
         pytest.skip("no Chromium on PATH (apt-get install chromium; .ci/run installs it)")
     page = run / "qc_report.html"
     shot = screenshot(page, tmp_path / "report.png", browser)
