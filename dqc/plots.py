@@ -81,6 +81,21 @@ def _eliminated_rows(log: pd.DataFrame, images: pd.DataFrame) -> np.ndarray:
                      for s, c, ig in zip(log.Subject, log.Cycle, log.Ignored)], dtype=bool)
 
 
+def _mark_decisions(ax, log: pd.DataFrame, images: pd.DataFrame, at: np.ndarray) -> None:
+    """Over the log rows (x = row number): undone updates (crosses) and eliminations
+    (triangles) at height `at`, the cycles' starts, the x label."""
+    x = np.arange(len(log))
+    undone = (log.Ignored == 1).to_numpy()
+    ax.scatter(x[undone], at[undone], marker="x", color="crimson", s=20, zorder=3,
+               label="update undone (flagged)")
+    elim = _eliminated_rows(log, images)
+    if elim.any():
+        ax.scatter(x[elim], at[elim], marker="v", color="black", s=40, zorder=4,
+                   label="eliminated")
+    _mark_cycles(ax, log.Cycle.to_numpy())
+    ax.set_xlabel("log row: one per update checked (cycle boundaries marked)")
+
+
 def qc_log_figure(log: pd.DataFrame, images: pd.DataFrame,
                   title: str = "quality control") -> Figure:
     """`plot_qc_log`'s figure: the paper's rates over the log rows."""
@@ -94,15 +109,7 @@ def qc_log_figure(log: pd.DataFrame, images: pd.DataFrame,
     ax.plot(x[shown], log.PFP[shown], lw=1, label="false-positive rate")
     ax.plot(x[shown], log.PFN[shown], lw=1, label="false-negative rate")
     at = log.PFN.ffill().fillna(0.0)  # markers of unevaluated rows: at the last known FNR
-    undone = (log.Ignored == 1).to_numpy()
-    ax.scatter(x[undone], at[undone], marker="x", color="crimson", s=18, zorder=3,
-               label="update undone (flagged)")
-    elim = _eliminated_rows(log, images)
-    if elim.any():
-        ax.scatter(x[elim], at[elim], marker="v", color="black", s=40, zorder=4,
-                   label="eliminated")
-    _mark_cycles(ax, log.Cycle.to_numpy())
-    ax.set_xlabel("log row: one per update checked (cycle boundaries marked)")
+    _mark_decisions(ax, log, images, at.to_numpy())
     ax.set_ylabel("rate on validation set")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, pad=14)
@@ -125,15 +132,7 @@ def qc_statistic_figure(log: pd.DataFrame, images: pd.DataFrame,
     ax.scatter(x[batch], stat[batch], s=9, color="C0", label="statistic: batch")
     ax.scatter(x[~batch], stat[~batch], s=9, color="C1", label="statistic: one image")
     ax.scatter(x, limit, marker="_", s=40, color="grey", label="limit")
-    undone = (log.Ignored == 1).to_numpy()
-    ax.scatter(x[undone], stat[undone], marker="x", color="crimson", s=24, zorder=3,
-               label="update undone (flagged)")
-    elim = _eliminated_rows(log, images)
-    if elim.any():
-        ax.scatter(x[elim], stat[elim], marker="v", color="black", s=40, zorder=4,
-                   label="eliminated")
-    _mark_cycles(ax, log.Cycle.to_numpy())
-    ax.set_xlabel("log row: one per update checked (cycle boundaries marked)")
+    _mark_decisions(ax, log, images, stat)
     ax.set_ylabel("criterion statistic")
     ax.grid(alpha=0.3)
     ax.set_title(title, pad=14)
