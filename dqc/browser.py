@@ -21,12 +21,16 @@ def find_browser() -> str | None:
 
 
 def _run(browser: str, args: list[str], page: str | Path, timeout: float) -> str:
+    """Run the browser headless on `page`; its stdout. A failure or a timeout: RuntimeError."""
     with tempfile.TemporaryDirectory(prefix="dqc_browser_") as profile:
-        done = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
-             *args, Path(page).resolve().as_uri()],
-            capture_output=True, text=True, timeout=timeout)
+        try:
+            done = subprocess.run(
+                [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
+                 *args, Path(page).resolve().as_uri()],
+                capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{browser} did not finish within {timeout:g} s") from None
     if done.returncode != 0:
         raise RuntimeError(f"{browser} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
     return done.stdout
@@ -35,7 +39,7 @@ def _run(browser: str, args: list[str], page: str | Path, timeout: float) -> str
 def screenshot(page: str | Path, png: str | Path, browser: str | None = None,
                width: int = 1280, height: int = 2400, timeout: float = 60.0) -> Path | None:
     """A PNG of the page's top `height` pixels at `width`, written atomically; None when no
-    browser is found.
+    browser is found; RuntimeError when it fails.
 
     Parameters
     ----------
