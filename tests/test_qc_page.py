@@ -121,3 +121,42 @@ def test_the_paper_rules_statistic_is_the_rise_over_the_last_accepted_update():
 def test_no_report_writes_no_page(federated_case: dict):
     out = federated_case["single"](4, "--no-report")
     assert (out / "qc_images.csv").is_file() and not (out / "qc_report.html").exists()
+
+
+def test_a_node_writes_its_own_page_and_refuses_other_centers_decisions(cohort: dict,
+                                                                        tmp_path: Path):
+    """What the server tells a center (ids and numbers) becomes the center's page with its
+    images' mosaics; decisions about images it does not hold, or a malformed message, are
+    refused in one line."""
+    import base64
+
+    from dqc.errors import DQCError
+    from dqc.federated.messages import read_report_request, report_request
+    from dqc.federated.node import CenterNode
+    from dqc.federated.simulate import split_by_center
+    from dqc.plots import mosaic_png
+
+    (csv, _), (other_csv, _) = split_by_center(cohort["train"], tmp_path / "nodes")[:2]
+    node = CenterNode(csv)
+    mine, theirs = (pd.read_csv(c, dtype={"Subject": str}) for c in (csv, other_csv))
+    gone = mine.Subject[0]
+    row = {"Subject": gone, "Study": node.center, "times_flagged": 2, "first_flagged_cycle": 3,
+           "revisit_cycle": 4, "eliminated": 1, "eliminated_cycle": 4, "status": "eliminated"}
+    kept = [{**row, "Subject": s, "times_flagged": 0, "first_flagged_cycle": None,
+             "revisit_cycle": None, "eliminated": 0, "eliminated_cycle": None, "status": "kept"}
+            for s in mine.Subject[1:]]
+    log = [{"Cycle": c, "Subject": gone, "Study": node.center, "ACC": 0.5, "FP": 1, "FN": 2,
+            "PFP": 0.2, "PFN": 0.4, "Ignored": 1} for c in (3, 4)]
+    payload = {"name": "qc", "center": node.center, "cycle": 4, "planned": [3, 4],
+               "criterion": {"name": "rates", "error": 0.02}, "settings": {"revisit R": "1"},
+               "images": [row, *kept], "log": log}
+    node.report(read_report_request(report_request(payload)), tmp_path / "pages")
+    page = (tmp_path / "pages" / f"qc_report_{node.center}.html").read_text()
+    assert re.findall(r'data-subject="([^"]+)"', page) == [gone]
+    assert base64.b64encode(mosaic_png(mine.Path[0])).decode() in page
+    node.report(payload, None)  # no folder: nothing written, nothing refused
+    stolen = {**payload, "images": [{**row, "Subject": theirs.Subject[0]}]}
+    with pytest.raises(DQCError, match=rf"center {node.center}: report about another center"):
+        node.report(stolen, tmp_path / "pages")
+    with pytest.raises(DQCError, match="malformed report message"):
+        node.report({"center": node.center}, tmp_path / "pages")
