@@ -222,7 +222,7 @@ def _detection(data: PageData, done: int) -> str:
                                   data.criterion)["detection"]
     shown = {k: v for k, v in summary.items()
              if k not in ("per_center", "cycles_first_flag_to_elimination")}
-    table = pd.DataFrame({"figure": list(shown), "value": [
+    table = pd.DataFrame({"figure": [k.replace("_", " ") for k in shown], "value": [
         _number(v) if isinstance(v, float) else ("-" if v is None else v)
         for v in shown.values()]})
     good = data.images[(data.images.eliminated == 1) & (data.images.Harmful == 0)]
