@@ -76,7 +76,8 @@ def _mark_cycles(ax, cycles: np.ndarray) -> None:
 def _eliminated_rows(log: pd.DataFrame, images: pd.DataFrame) -> np.ndarray:
     """The log rows where an image was eliminated: its undone retry in its elimination cycle."""
     eliminated = set(images.loc[images.eliminated == 1, "Subject"].astype(str))
-    cycle_of = dict(zip(images.Subject.astype(str), images.eliminated_cycle))
+    cycle_of = {s: int(c) for s, c in zip(images.Subject.astype(str), images.eliminated_cycle)
+                if pd.notna(c)}
     return np.array([str(s) in eliminated and c == cycle_of.get(str(s)) and ig == 1
                      for s, c, ig in zip(log.Subject, log.Cycle, log.Ignored)], dtype=bool)
 
