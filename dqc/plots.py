@@ -120,24 +120,32 @@ def qc_log_figure(log: pd.DataFrame, images: pd.DataFrame,
 
 def qc_statistic_figure(log: pd.DataFrame, images: pd.DataFrame,
                         title: str = "quality control") -> Figure:
-    """The criterion's statistic of every update (batches and single images apart) with the
-    limit it was compared with; undone and eliminated updates marked, cycles shown."""
+    """The criterion's statistic of every update with the limit it was compared with, one
+    panel for batches and one for single images (their statistics differ in kind or scale);
+    undone and eliminated updates marked, cycles shown."""
     log = log.reset_index(drop=True).copy()
     for column in ("STATISTIC", "LIMIT"):
         log[column] = pd.to_numeric(log[column], errors="coerce")
     x = np.arange(len(log))
-    batch = (log.Subject == "batch").to_numpy()
     stat, limit = log.STATISTIC.to_numpy(float), log.LIMIT.to_numpy(float)
-    fig = _figure((11, 3.6))
-    ax = fig.subplots()
-    ax.scatter(x[batch], stat[batch], s=9, color="C0", label="statistic: batch")
-    ax.scatter(x[~batch], stat[~batch], s=9, color="C1", label="statistic: one image")
-    ax.scatter(x, limit, marker="_", s=40, color="grey", label="limit")
-    _mark_decisions(ax, log, images, stat)
-    ax.set_ylabel("criterion statistic")
-    ax.grid(alpha=0.3)
-    ax.set_title(title, pad=14)
-    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    batch = (log.Subject == "batch").to_numpy()
+    single = ~batch & (log.Subject != "n/a").to_numpy()
+    kinds = [(name, rows, color) for name, rows, color in
+             (("batches", batch, "C0"), ("one image", single, "C1")) if rows.any()] \
+        or [("updates", batch | single, "C0")]
+    fig = _figure((11, 1.2 + 2.4 * len(kinds)))
+    axes = np.atleast_1d(fig.subplots(len(kinds), 1, sharex=True))
+    for ax, (name, rows, color) in zip(axes, kinds):
+        ax.scatter(x[rows], stat[rows], s=9, color=color, label=f"statistic: {name}")
+        ax.scatter(x[rows], limit[rows], marker="_", s=40, color="grey", label="limit")
+        _mark_decisions(ax, log, images, np.where(rows, stat, np.nan))
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right", ncol=4)
+    for ax in axes[:-1]:
+        ax.set_xlabel("")
+    axes[0].set_title(title, pad=14)
+    fig.tight_layout()
     return fig
 
 
@@ -150,8 +158,9 @@ def orthogonal_slices(volume: np.ndarray) -> np.ndarray:
     slices = [np.rot90(v[:, :, cz]), np.rot90(v[:, cy, :]), np.rot90(v[cx, :, :])]
     low, high = np.percentile(v, [1, 99.5])
     height = max(s.shape[0] for s in slices)
-    canvas = np.zeros((height, sum(s.shape[1] for s in slices) + 2 * 2), np.float32)
-    canvas[:] = low
+    faces = np.concatenate([v[[0, -1]].ravel(), v[:, [0, -1]].ravel(), v[:, :, [0, -1]].ravel()])
+    canvas = np.full((height, sum(s.shape[1] for s in slices) + 2 * 2), np.median(faces),
+                     np.float32)  # gaps and padding: the background
     left = 0
     for s in slices:
         top = (height - s.shape[0]) // 2
