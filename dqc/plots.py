@@ -144,7 +144,7 @@ def qc_statistic_figure(log: pd.DataFrame, images: pd.DataFrame,
     for ax in axes[:-1]:
         ax.set_xlabel("")
     axes[0].set_title(title, pad=14)
-    fig.tight_layout()
+    fig.subplots_adjust(hspace=0.25)  # not tight_layout: a draw more, for every cycle's page
     return fig
 
 
