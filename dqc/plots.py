@@ -140,7 +140,7 @@ def qc_statistic_figure(log: pd.DataFrame, images: pd.DataFrame,
         _mark_decisions(ax, log, images, np.where(rows, stat, np.nan))
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right", ncol=4)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
     for ax in axes[:-1]:
         ax.set_xlabel("")
     axes[0].set_title(title, pad=14)
