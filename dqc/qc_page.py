@@ -346,9 +346,10 @@ def cycle_hook(spec: "RunSpec", qspec: "QCSpec", train: pd.DataFrame,
 def center_payload(policy: "QualityControl", train: pd.DataFrame, center: str, cycle: int,
                    page_settings: dict[str, str], planned: tuple[int, int], name: str) -> dict:
     """What the server tells one center after a cycle: the QC decisions about its own
-    images (the per-image table's rows and its log rows) and the settings; ids and numbers
-    only, never a pixel."""
-    log = qc_report.log_frame(policy)
+    images (the per-image table's rows and its log rows, with the statistic each update was
+    judged by, which under the paper's rule needs the whole log) and the settings; ids and
+    numbers only, never a pixel."""
+    log = statistics(qc_report.log_frame(policy), policy.criterion)
     images = qc_report.image_table(policy, train)
     mine = images[images.Study == center]
 
@@ -371,7 +372,9 @@ def write_center_page(folder: str | Path, payload: dict, paths: dict[str, str],
                              payload["images"][0] else []))
     for column in ("first_flagged_cycle", "revisit_cycle", "eliminated_cycle"):
         images[column] = images[column].astype("Int64")
-    log = pd.DataFrame(payload["log"], columns=criterion.log_columns())
+    log = pd.DataFrame(payload["log"],
+                       columns=criterion.log_columns() + ["STATISTIC", "LIMIT"]
+                       if criterion.name == "rates" else criterion.log_columns())
     center = payload["center"]
     data = PageData(f"Quality control at center {center}: {payload['name']}", log, images,
                     payload["settings"], criterion, tuple(payload["planned"]), labels,

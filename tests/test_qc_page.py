@@ -146,7 +146,8 @@ def test_a_node_writes_its_own_page_and_refuses_other_centers_decisions(cohort: 
              "revisit_cycle": None, "eliminated": 0, "eliminated_cycle": None, "status": "kept"}
             for s in mine.Subject[1:]]
     log = [{"Cycle": c, "Subject": gone, "Study": node.center, "ACC": 0.5, "FP": 1, "FN": 2,
-            "PFP": 0.2, "PFN": 0.4, "Ignored": 1} for c in (3, 4)]
+            "PFP": 0.2, "PFN": 0.4, "Ignored": 1, "STATISTIC": 0.25, "LIMIT": 0.02}
+           for c in (3, 4)]  # the statistic as the server computed it on the whole log
     payload = {"name": "qc", "center": node.center, "cycle": 4, "planned": [3, 4],
                "criterion": {"name": "rates", "error": 0.02}, "settings": {"revisit R": "1"},
                "images": [row, *kept], "log": log}
@@ -154,6 +155,7 @@ def test_a_node_writes_its_own_page_and_refuses_other_centers_decisions(cohort: 
     page = (tmp_path / "pages" / f"qc_report_{node.center}.html").read_text()
     assert re.findall(r'data-subject="([^"]+)"', page) == [gone]
     assert base64.b64encode(mosaic_png(mine.Path[0])).decode() in page
+    assert page.count("harmful, undone (statistic 0.25, limit 0.02)") == 2
     node.report(payload, None)  # no folder: nothing written, nothing refused
     stolen = {**payload, "images": [{**row, "Subject": theirs.Subject[0]}]}
     with pytest.raises(DQCError, match=rf"center {node.center}: report about another center"):
