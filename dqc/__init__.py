@@ -25,10 +25,12 @@ Modules, one job each:
 - `travel`: the travelling loop, written once: cycles, centers, local epochs, batches.
 - `qc`: the harm criteria and the verification / revisit / elimination policy (pure numpy).
 - `qc_report`: what a QC run writes and prints: log, per-image table, summary.
+- `qc_page`: NAME_report.html, the QC run's self-contained page (and each center's own).
 - `runs`: the paper's three runs (standard, dirty baseline, quality control) from the pieces.
 - `metrics`: inference metrics, overall and per sex and age group.
 - `inference`: scores and metrics of every saved cycle on a test set, and their files.
-- `plots`: the figures: metrics across cycles, the QC log, image montages.
+- `plots`: the figures: metrics across cycles, the QC log, image montages and mosaics.
+- `browser`: a headless Chromium, when installed: a page's screenshot, its DOM.
 - `harmful`: harmful-image generators and the scenario builder (harmful centers and images).
 - `cohort`: `python -m dqc.cohort`: the embedded synthetic multi-center PD/HC cohort.
 - `detectability`: `python -m dqc.detectability`: can a criterion see harm on this data.

@@ -186,6 +186,9 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="loss, trainloss, heldout, "
                    "combined: how many accepted updates' statistics (of the same kind) the "
                    f"threshold looks back on (default {defaults.WINDOW}; at least 10)")
+    p.add_argument("--no-report", action="store_true", help="do not write NAME_report.html "
+                   "(the run's page: settings, validation figure, per-center table, the "
+                   "eliminated and pending images; rewritten after every cycle)")
     add_lr_schedule_flag(p)
     add_run_flags(p, seed=defaults.SEED, prefix=None)
 
@@ -202,7 +205,8 @@ def qc_specs(args: argparse.Namespace):
                    encoder=args.en, classifier=args.pd, lr_schedule=args.lr_schedule,
                    **run_options(args))
     qspec = QCSpec(val_csv=args.fn_test, revisit=args.revisit, name=args.fn_save,
-                   legacy_rates=args.legacy_rates, criterion=args.criterion, params=given)
+                   legacy_rates=args.legacy_rates, criterion=args.criterion, params=given,
+                   report=not args.no_report)
     return spec, qspec
 
 

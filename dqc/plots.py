@@ -1,5 +1,5 @@
-"""Every picture the project draws, in one style: metrics across cycles, the QC log, image
-montages, the detectability spread.
+"""Every picture the project draws, in one style: metrics across cycles, the QC log (rates or
+the criterion's statistic), image montages and mosaics, the detectability spread.
 
 Drawn with matplotlib's object-oriented API, each `Figure` on its own Agg canvas: no pyplot,
 so importing this module picks no matplotlib backend and keeps no figure alive; every figure
@@ -8,6 +8,7 @@ is written as a PNG at 110 dpi with tight bounds, atomically.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +54,51 @@ def plot_runs(metrics: dict[str, pd.DataFrame], path: str | Path,
 def plot_qc_log(log: pd.DataFrame, images: pd.DataFrame, path: str | Path,
                 title: str = "quality control") -> Path:
     """False-positive and false-negative rates over the log; undone and eliminated marked."""
+    return _save(qc_log_figure(log, images, title), path)
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """A figure as PNG bytes, in the style `_save` writes files (110 dpi, tight bounds)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, bbox_inches="tight", format="png")
+    return buffer.getvalue()
+
+
+def _mark_cycles(ax, cycles: np.ndarray) -> None:
+    """A thin grey line and the cycle's number where each cycle's log rows begin."""
+    for start in np.flatnonzero(np.r_[True, cycles[1:] != cycles[:-1]]):
+        ax.axvline(start, color="grey", lw=0.5, alpha=0.5)
+        ax.text(start, 1.01, str(cycles[start]), fontsize=7, color="grey",
+                transform=ax.get_xaxis_transform())
+
+
+def _eliminated_rows(log: pd.DataFrame, images: pd.DataFrame) -> np.ndarray:
+    """The log rows where an image was eliminated: its undone retry in its elimination cycle."""
+    eliminated = set(images.loc[images.eliminated == 1, "Subject"].astype(str))
+    cycle_of = {s: int(c) for s, c in zip(images.Subject.astype(str), images.eliminated_cycle)
+                if pd.notna(c)}
+    return np.array([str(s) in eliminated and c == cycle_of.get(str(s)) and ig == 1
+                     for s, c, ig in zip(log.Subject, log.Cycle, log.Ignored)], dtype=bool)
+
+
+def _mark_decisions(ax, log: pd.DataFrame, images: pd.DataFrame, at: np.ndarray) -> None:
+    """Over the log rows (x = row number): undone updates (crosses) and eliminations
+    (triangles) at height `at`, the cycles' starts, the x label."""
+    x = np.arange(len(log))
+    undone = (log.Ignored == 1).to_numpy()
+    ax.scatter(x[undone], at[undone], marker="x", color="crimson", s=20, zorder=3,
+               label="update undone (flagged)")
+    elim = _eliminated_rows(log, images)
+    if elim.any():
+        ax.scatter(x[elim], at[elim], marker="v", color="black", s=40, zorder=4,
+                   label="eliminated")
+    _mark_cycles(ax, log.Cycle.to_numpy())
+    ax.set_xlabel("log row: one per update checked (cycle boundaries marked)")
+
+
+def qc_log_figure(log: pd.DataFrame, images: pd.DataFrame,
+                  title: str = "quality control") -> Figure:
+    """`plot_qc_log`'s figure: the paper's rates over the log rows."""
     log = log.reset_index(drop=True).copy()
     for column in ("PFP", "PFN"):  # empty where an update was judged without evaluation
         log[column] = pd.to_numeric(log[column], errors="coerce")
@@ -63,27 +109,75 @@ def plot_qc_log(log: pd.DataFrame, images: pd.DataFrame, path: str | Path,
     ax.plot(x[shown], log.PFP[shown], lw=1, label="false-positive rate")
     ax.plot(x[shown], log.PFN[shown], lw=1, label="false-negative rate")
     at = log.PFN.ffill().fillna(0.0)  # markers of unevaluated rows: at the last known FNR
-    undone = log.Ignored == 1
-    ax.scatter(x[undone], at[undone], marker="x", color="crimson", s=18, zorder=3,
-               label="update undone (flagged)")
-    eliminated = set(images.loc[images.eliminated == 1, "Subject"].astype(str))
-    cycle_of = dict(zip(images.Subject.astype(str), images.eliminated_cycle))
-    elim = np.array([str(s) in eliminated and c == cycle_of.get(str(s)) and ig == 1
-                     for s, c, ig in zip(log.Subject, log.Cycle, log.Ignored)])
-    if elim.any():
-        ax.scatter(x[elim], at[elim], marker="v", color="black", s=40, zorder=4,
-                   label="eliminated")
-    cycles = log.Cycle.to_numpy()
-    for start in np.flatnonzero(np.r_[True, cycles[1:] != cycles[:-1]]):
-        ax.axvline(start, color="grey", lw=0.5, alpha=0.5)
-        ax.text(start, 1.01, str(cycles[start]), fontsize=7, color="grey",
-                transform=ax.get_xaxis_transform())
-    ax.set_xlabel("log row: one per update checked (cycle boundaries marked)")
+    _mark_decisions(ax, log, images, at.to_numpy())
     ax.set_ylabel("rate on validation set")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, pad=14)
     ax.legend(fontsize=8, loc="upper right", ncol=2)
-    return _save(fig, path)
+    return fig
+
+
+def qc_statistic_figure(log: pd.DataFrame, images: pd.DataFrame,
+                        title: str = "quality control") -> Figure:
+    """The criterion's statistic of every update with the limit it was compared with, one
+    panel for batches and one for single images (their statistics differ in kind or scale);
+    undone and eliminated updates marked, cycles shown."""
+    log = log.reset_index(drop=True).copy()
+    for column in ("STATISTIC", "LIMIT"):
+        log[column] = pd.to_numeric(log[column], errors="coerce")
+    x = np.arange(len(log))
+    stat, limit = log.STATISTIC.to_numpy(float), log.LIMIT.to_numpy(float)
+    batch = (log.Subject == "batch").to_numpy()
+    single = ~batch & (log.Subject != "n/a").to_numpy()
+    kinds = [(name, rows, color) for name, rows, color in
+             (("batches", batch, "C0"), ("one image", single, "C1")) if rows.any()] \
+        or [("updates", batch | single, "C0")]
+    fig = _figure((11, 1.2 + 2.4 * len(kinds)))
+    axes = np.atleast_1d(fig.subplots(len(kinds), 1, sharex=True))
+    for ax, (name, rows, color) in zip(axes, kinds):
+        ax.scatter(x[rows], stat[rows], s=9, color=color, label=f"statistic: {name}")
+        ax.scatter(x[rows], limit[rows], marker="_", s=40, color="grey", label="limit")
+        _mark_decisions(ax, log, images, np.where(rows, stat, np.nan))
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
+    for ax in axes[:-1]:
+        ax.set_xlabel("")
+    axes[0].set_title(title, pad=14)
+    fig.subplots_adjust(hspace=0.25)  # not tight_layout: a draw more, for every cycle's page
+    return fig
+
+
+def orthogonal_slices(volume: np.ndarray) -> np.ndarray:
+    """The three middle slices of an (x, y, z) volume (axial, coronal, sagittal), oriented
+    for display, side by side on one canvas scaled to 0..255 by the volume's 1st and 99.5th
+    percentiles (an inverted image keeps its bright background)."""
+    v = np.asarray(volume, dtype=np.float32)
+    cx, cy, cz = (n // 2 for n in v.shape)
+    slices = [np.rot90(v[:, :, cz]), np.rot90(v[:, cy, :]), np.rot90(v[cx, :, :])]
+    low, high = np.percentile(v, [1, 99.5])
+    height = max(s.shape[0] for s in slices)
+    faces = np.concatenate([v[[0, -1]].ravel(), v[:, [0, -1]].ravel(), v[:, :, [0, -1]].ravel()])
+    canvas = np.full((height, sum(s.shape[1] for s in slices) + 2 * 2), np.median(faces),
+                     np.float32)  # gaps and padding: the background
+    left = 0
+    for s in slices:
+        top = (height - s.shape[0]) // 2
+        canvas[top:top + s.shape[0], left:left + s.shape[1]] = s
+        left += s.shape[1] + 2
+    scaled = (canvas - low) / (high - low) if high > low else canvas * 0
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def mosaic_png(path: str | Path) -> bytes:
+    """`orthogonal_slices` of the image at `path` as an 8-bit grey PNG (no figure: fast;
+    Pillow, which matplotlib brings, writes one byte per pixel where `imsave` writes four)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(orthogonal_slices(image_to_array(read_image(path)))).save(  # uint8: "L"
+        buffer, format="png", optimize=True)
+    return buffer.getvalue()
 
 
 def middle_slice(path: str | Path) -> np.ndarray:

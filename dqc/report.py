@@ -183,6 +183,28 @@ def _shown(flag: bool) -> str:
     return "shown" if flag else "not shown"
 
 
+def qc_pages(stages, scenarios: dict[str, str], report: Path) -> list[str]:
+    """A link to every QC run's own page (NAME_report.html), and where a browser is found
+    a screenshot of scenario A's pages (report/qc_page_A_CRITERION.png)."""
+    from dqc.browser import screenshot
+
+    lines = []
+    for s in scenarios:
+        for k in stages.config.criteria:
+            page = stages.run_dir("qc", f"{s}_{k}") / "qc_report.html"
+            if not page.is_file():
+                continue
+            lines.append(f"- [scenario {s}, {k}](../{page.relative_to(stages.out).as_posix()})")
+            try:
+                shot = screenshot(page, report / f"qc_page_{s}_{k}.png") if s == "A" else None
+            except RuntimeError as exc:  # the page is there; its picture is a bonus
+                lines[-1] += f" (no screenshot: {exc})"
+                continue
+            if shot is not None:
+                lines[-1] += f" ([screenshot]({shot.name}))"
+    return lines
+
+
 def _copy(source: Path, target: Path) -> None:
     write_bytes(target, source.read_bytes())
 
@@ -248,6 +270,13 @@ def write_report(stages, scenarios: dict[str, str]) -> Path:
         instrument,
         "",
         "![detectability](detectability.png)",
+        "",
+        "## Each QC run's page",
+        "",
+        "The images each run eliminated or holds for a retry, with their middle slices, "
+        "per center, and the check of every update (one self-contained HTML file per run):",
+        "",
+        *qc_pages(stages, scenarios, report),
         "",
         "## Plots",
         "",

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from dqc import checkpoint, defaults, qc_report
+from dqc import checkpoint, defaults, qc_page, qc_report
 from dqc.authors import AuthorsPair
 from dqc.data import image_shape, load_table, require_both_classes, row_source
 from dqc.errors import DQCError
@@ -171,14 +171,15 @@ def train_cycles(spec: RunSpec) -> list[CycleStats]:
 
 def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], cycles: range,
                step: Step, prefetch: Callable[[list[str]], None] | None, clock: Timings,
-               policy: QualityControl | None = None, log: Path | None = None
+               policy: QualityControl | None = None, log: Path | None = None,
+               after: Callable[[QualityControl, int], None] | None = None
                ) -> list[CycleStats]:
     """The one loop of every run: each cycle travels the centers, then is checkpointed
     (atomically, so `--resume` continues after the last whole one) and reported in a line.
 
     With a QC `policy` each update is verified (`policy.verify_batch` instead of `step`),
     the cycle ends with the revisit pass, and the QC state and its log (`log`) are written
-    with the cycle; without, the cycle's batch losses are kept (a later QC run's trainloss
+    with the cycle, then `after(policy, cycle)` runs (the report); without, the cycle's batch losses are kept (a later QC run's trainloss
     window starts with them).
     """
     history = []
@@ -200,6 +201,8 @@ def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], c
             qc_report.write_log(policy, log)
             meta["qc"] = policy.state.to_json()
         checkpoint.save_cycle(trainer, spec.out, spec.prefix, cycle, meta)
+        if after is not None:
+            after(policy, cycle)
         spec.echo(stats.line() if policy is None
                   else qc_report.cycle_line(policy, cycle, stats, clock.last("cycle")))
         history.append(stats)
@@ -221,6 +224,7 @@ class QCSpec:
     legacy_rates: bool = False
     criterion: str = defaults.CRITERION  # see dqc.criteria.CRITERIA
     params: dict = field(default_factory=dict)
+    report: bool = True  # NAME_report.html after every cycle (dqc.qc_page)
 
     def rule(self) -> Criterion:
         """The criterion object (`DQCError` for an unknown name or a bad parameter)."""
@@ -331,12 +335,16 @@ class Federation:
         The run resumes without a center it excluded (`train` lacks its images): their
         revisits are dropped and the reference is evaluated again, on the validation set
         that remains.
+    on_cycle:
+        Runs after each cycle's files and report, with the policy and the cycle (the
+        server's news to the centers: which of their images were flagged).
     """
 
     train: pd.DataFrame
     make_step: StepFactory
     verify: tuple[Validation, EvaluatorFactory] | None = None
     left_out: bool = False
+    on_cycle: Callable[[QualityControl, int], None] | None = None
 
 
 def run_quality_control(spec: RunSpec, qspec: QCSpec,
@@ -391,7 +399,9 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                                  for c, subjects in policy.state.schedule.items()}
     out = Path(spec.out)
     run_cycles(spec, trainer, centers_of(train), range(first, spec.cycles.stop), step,
-               prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv")
+               prefetch, clock, policy=policy, log=out / f"{qspec.name}.csv",
+               after=qc_page.cycle_hook(spec, qspec, train,
+                                        federation.on_cycle if federation else None))
     qc_report.write_outputs(policy, train, out, qspec.name, spec.cycles)
     spec.echo(qc_report.summary_table(policy, train))
     return policy

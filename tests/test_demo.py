@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dqc.browser import find_browser
 from dqc.demo import DemoConfig, Stages
 
 TINY = dict(centers=5, n_train=30, n_val=16, n_test=12, downsample=8, effect=0.6, pretrain=2,
@@ -45,6 +46,12 @@ def test_report_files_and_table(demo: Path):
     text = (report / "README.md").read_text()
     assert "| clean | 3 |" in text and "![QC log, scenario A, rates](qc_log_A_rates.png)" in text
     assert text.count("**shown**") + text.count("**not shown**") == 3  # the three findings
+    for scenario in "AB":  # each QC run's own page, linked; scenario A's pages pictured
+        for k in TINY["criteria"]:
+            assert f"[scenario {scenario}, {k}](../qc_{scenario}_{k}/qc_report.html)" in text
+            assert (demo / f"qc_{scenario}_{k}" / "qc_report.html").is_file()
+            assert (report / f"qc_page_{scenario}_{k}.png").is_file() == \
+                (scenario == "A" and find_browser() is not None)
     summary = json.loads((report / "summary.json").read_text())
     clean = results.set_index("run").auroc
     assert summary["clean_auroc"] == pytest.approx(clean["clean"], abs=5e-4)

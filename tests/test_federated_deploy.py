@@ -88,6 +88,10 @@ def test_deployed_run_gives_the_single_machine_results(federated_case: dict, tmp
     alone = log[log.Subject.isin(harmful)]  # checked alone in cycle 3, revisited in cycle 4
     assert list(alone.Cycle) == [3] * 4 + [4] * 4 and alone.Ignored.all()
     assert ((log.Subject == "batch") & (log.Study == "C04") & (log.Ignored == 1)).any()
+    # each worker (--report OUT/nodes) wrote its center's page, the server's has no mosaic
+    c04 = (out / "nodes" / "qc_report_C04.html").read_text()
+    assert all(f'data-subject="{s}"' in c04 for s in harmful) and 'class="mosaic"' in c04
+    assert 'class="mosaic"' not in (out / "qc_report.html").read_text()
     network = json.loads((out / "qc_network.json").read_text())
     assert network["updates"] == len(log) - 1
     # the nodes read the images, through their workers; the TLS material stayed in the work dir

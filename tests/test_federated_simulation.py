@@ -209,3 +209,29 @@ def test_a_silent_node_stops_the_run_and_resume_finishes_it(federated_case: dict
     single = federated_case["single"](CYCLES, *COMBINED)
     log = assert_same_qc_outputs(single, out, last_cycle=CYCLES - 1)
     assert log.VAL_LOSS.replace("", float("nan")).astype(float).notna().sum() >= 9
+
+
+def test_the_servers_report_has_no_pixels_and_each_node_shows_its_own(federated_case: dict,
+                                                                      simulated: dict):
+    """NAME_report.html at the server: every section, the figure, each eliminated image's
+    card, but not one mosaic; each center's node page (OUT/nodes, simulation) shows exactly
+    its own eliminated and pending images, with their mosaics."""
+    import base64
+    import re
+
+    from dqc.plots import mosaic_png
+
+    out = simulated["out"]
+    images = pd.read_csv(out / "qc_images.csv", dtype={"Subject": str})
+    paths = dict(zip(federated_case["train"].Subject.astype(str), federated_case["train"].Path))
+    server = (out / "qc_report.html").read_text()
+    shown = images[images.status.isin(["eliminated", "pending"])]
+    assert len(shown) >= 4 and 'class="mosaic"' not in server
+    assert server.count("data:image/png") == 1  # the check figure, no image
+    assert set(re.findall(r'data-subject="([^"]+)"', server)) == set(shown.Subject)
+    for center, mine in shown.groupby("Study"):
+        page = (out / "nodes" / f"qc_report_{center}.html").read_text()
+        assert set(re.findall(r'data-subject="([^"]+)"', page)) == set(mine.Subject)
+        for subject in mine.Subject:
+            pixels = base64.b64encode(mosaic_png(paths[subject])).decode()
+            assert pixels in page and pixels not in server

@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    "validation images, which it scores to verify each update)")
     w.add_argument("--socket", required=True, help="Unix socket path to listen on "
                    "(a SOCKET.key secret is written beside it)")
+    w.add_argument("--report", default=None, metavar="DIR", help="write this center's own "
+                   "page, DIR/NAME_report_CENTER.html, after every cycle: the QC decisions the "
+                   "server sends about its images, with their mosaics (the pixels stay here)")
     return p.parse_args(argv)
 
 
@@ -75,7 +78,7 @@ def main(argv=None):
     else:
         from dqc.federated.node import serve_worker
         serve_worker(args.csv, args.socket, ready=lambda: print("ready", flush=True),
-                     val_csv=args.val_csv)
+                     val_csv=args.val_csv, report=args.report)
 
 
 if __name__ == "__main__":

@@ -208,15 +208,17 @@ class Federation:
             raise DQCError(f"registering node {name} failed: {_last_line(done)}")
         return private
 
-    def start_worker(self, name: str, csv: Path, val_csv: Path | None = None) -> Path:
+    def start_worker(self, name: str, csv: Path, val_csv: Path | None = None,
+                     report: Path | None = None) -> Path:
         """The center's long-running trainer and verifier (TensorFlow, model, its training
-        and validation images loaded once)."""
+        and validation images loaded once); it writes its own QC page into `report`."""
         folder = self.work / "sockets"
         folder.mkdir(mode=0o700, exist_ok=True)
         socket_path = folder / f"{name}.sock"
         self.processes.start(f"{name}-worker", [
             sys.executable, "-m", "dqc.federated", "worker", "--csv", str(csv),
-            "--socket", str(socket_path), *(["--val-csv", str(val_csv)] if val_csv else [])])
+            "--socket", str(socket_path), *(["--val-csv", str(val_csv)] if val_csv else []),
+            *(["--report", str(report)] if report else [])])
         return socket_path
 
     def start_node(self, name: str, key: Path | None, worker: Path) -> subprocess.Popen:
@@ -296,7 +298,8 @@ def deploy(args: argparse.Namespace, timeout: float = 3600.0) -> Path:
     try:
         fed = start_federation(work, processes, args.port)
         names = [f"node-{i}" for i in range(len(nodes))]
-        workers = [fed.start_worker(name, csv, val) for name, (csv, val) in zip(names, nodes)]
+        workers = [fed.start_worker(name, csv, val, out / "nodes")  # each center's own page
+                   for name, (csv, val) in zip(names, nodes)]
         wait_for_files([Path(f"{w}.key") for w in workers] + workers, 300.0, processes)
         for name, worker in zip(names, workers):
             fed.start_node(name, fed.register(name), worker)

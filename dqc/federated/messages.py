@@ -9,12 +9,16 @@ validation images' `Tally` (counts; with criteria other than the paper's rule al
 sorted within each class; for McNemar its 0/1 predictions and labels in its own order); to
 "who are you": the center name, its subject ids, label counts, its validation set's size by
 class, image shape and, only when the server asks for it (simulation, or a run that asks
-explicitly), the `Harmful` ground truth used for scoring. Never an image, never an image path, never a validation image's id.
+explicitly), the `Harmful` ground truth used for scoring. Never an image, never an image path,
+never a validation image's id. After each cycle, server -> node: the QC decisions about that
+center's own images (ids, cycles, statistics: `dqc.qc_page.center_payload`), for the node's own
+report page.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 WHOAMI = "query.whoami"   # ClientApp handler @app.query("whoami")
 STEP = "train.step"       # ClientApp handler @app.train("step")
 VERIFY = "query.verify"   # ClientApp handler @app.query("verify")
+REPORT = "query.report"   # ClientApp handler @app.query("report")
 REFUSED = 4001            # Error code of a node's refusal (unknown ids, bad state, bad data)
 MISSING = 4002            # Error code: the node does not hold the state named by a digest
 
@@ -109,6 +114,21 @@ def verify_reply(t: Tally) -> RecordDict:
     if t.hc_scores is not None:
         records["scores"] = ArrayRecord([np.asarray(t.hc_scores), np.asarray(t.pd_scores)])
     return RecordDict(records)
+
+
+def report_request(payload: dict) -> RecordDict:
+    """The decisions about one center's images after a cycle (`dqc.qc_page.center_payload`)."""
+    return RecordDict({"report": ConfigRecord({"json": json.dumps(payload)})})
+
+
+def read_report_request(content: RecordDict) -> dict:
+    try:
+        payload = json.loads(str(content["report"]["json"]))
+    except (KeyError, ValueError) as exc:
+        raise DQCError(f"malformed report message ({exc})") from None
+    if not isinstance(payload, dict):
+        raise DQCError("malformed report message (not an object)")
+    return payload
 
 
 def payload_bytes(content: RecordDict) -> int:

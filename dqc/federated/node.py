@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from dqc.errors import DQCError
 from dqc.federated.messages import (MISSING, REFUSED, Identity, StateMissing, digest,
-                                    identity_reply, pack, read_step_request, read_whoami_request,
-                                    read_verify_request, step_reply, unpack, verify_reply)
+                                    identity_reply, pack, read_report_request,
+                                    read_step_request, read_verify_request, read_whoami_request,
+                                    step_reply, unpack, verify_reply)
 from dqc.qc import DETAILS, Tally
 
 
@@ -137,6 +138,26 @@ class CenterNode:
         self._models["verified"] = (key, model)
         return tally(self.val.Group_bin.to_numpy(), scores, detail)
 
+    def report(self, payload: dict, folder: str | Path | None) -> None:
+        """Write this center's own page (`dqc.qc_page.write_center_page`) into `folder`
+        from the server's decisions about its images, with their mosaics; nothing without
+        a folder. Decisions about another center's images are refused."""
+        from dqc.qc_page import write_center_page
+
+        try:
+            ids = {str(row["Subject"]) for row in payload["images"]}
+            mine = payload["center"] == self.center and ids <= self.ids
+        except (KeyError, TypeError) as exc:
+            raise DQCError(f"center {self.center}: malformed report message ({exc})") from None
+        if not mine:
+            raise DQCError(f"center {self.center}: report about another center's images refused")
+        if folder:
+            try:
+                write_center_page(folder, payload, dict(zip(self.table.Subject, self.table.Path)),
+                                  dict(zip(self.table.Subject, self.table.Group_bin)))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DQCError(f"center {self.center}: malformed report message ({exc})") from None
+
 
 #: A node's data: its training CSV and its validation CSV ("" when it holds none).
 NodeFiles = tuple[str, str]
@@ -153,6 +174,12 @@ def node_csv(context: Context, nodes_dir: str | None = None) -> NodeFiles:
         val = Path(f"{stem}_val.csv")
         return f"{stem}.csv", str(val) if val.is_file() else ""
     raise DQCError("this node has no data: start it with --node-config 'data-csv=\"CSV\"'")
+
+
+def node_report_dir(context: Context, nodes_dir: str | None = None) -> str | None:
+    """Where the node writes its own report page: `report-dir` from its node config, else,
+    in simulation, NODES_DIR (beside its CSVs); None: no page."""
+    return str(context.node_config.get("report-dir", "")) or nodes_dir
 
 
 @functools.lru_cache(maxsize=2)
@@ -224,6 +251,10 @@ class WorkerNode:
     def verify(self, model: np.ndarray | None, key: str, detail: str) -> Tally:
         return self._call(("verify", model, key, detail))[0]
 
+    def report(self, payload: dict, folder: str | None) -> None:
+        """The worker writes the page into its own --report folder (`folder` is ignored)."""
+        self._call(("report", payload))
+
 
 def worker_key(socket_path: str | Path) -> bytes:
     """The shared secret beside the worker's socket (readable by the node's user only)."""
@@ -232,9 +263,9 @@ def worker_key(socket_path: str | Path) -> bytes:
 
 def serve_worker(csv_path: str | Path, socket_path: str | Path,
                  ready: Callable[[], None] | None = None,
-                 val_csv: str | Path | None = None) -> None:
-    """Serve "who are you", steps and verifications for one center over a local socket,
-    until killed."""
+                 val_csv: str | Path | None = None, report: str | Path | None = None) -> None:
+    """Serve "who are you", steps, verifications and the server's decisions (the page is
+    written into `report`, if given) for one center over a local socket, until killed."""
     import os
     import secrets
     from multiprocessing import AuthenticationError
@@ -262,6 +293,8 @@ def serve_worker(csv_path: str | Path, socket_path: str | Path,
                         conn.send(("ok", node.identity(*request[1:])))
                     elif request[0] == "verify":
                         conn.send(("ok", node.verify(*request[1:])))
+                    elif request[0] == "report":
+                        conn.send(("ok", node.report(request[1], report)))
                     else:
                         conn.send(("ok", *node.train_step(*request[1:])))
                 except DQCError as exc:
@@ -278,8 +311,10 @@ def node_for(context: Context, csv_for: Callable[[Context], NodeFiles]):
 
 
 def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv,
-               mods: Sequence[Mod] = ()) -> ClientApp:
-    """The ClientApp: "who are you", "train one step on these ids" and "verify this model".
+               mods: Sequence[Mod] = (),
+               report_for: Callable[[Context], str | None] = node_report_dir) -> ClientApp:
+    """The ClientApp: "who are you", "train one step on these ids", "verify this model" and
+    "here is what QC decided about your images" (written to `report_for`'s folder).
     `mods`: Flower mods wrapped around every handler (e.g. differential privacy)."""
     app = ClientApp(mods=list(mods))
 
@@ -305,6 +340,14 @@ def client_app(csv_for: Callable[[Context], NodeFiles] = node_csv,
     def verify(msg: Message, context: Context) -> Message:
         def work():
             return verify_reply(node_for(context, csv_for).verify(*read_verify_request(msg.content)))
+        return answer(msg, work)
+
+    @app.query("report")
+    def report(msg: Message, context: Context) -> Message:
+        def work():
+            node_for(context, csv_for).report(read_report_request(msg.content),
+                                              report_for(context))
+            return RecordDict()
         return answer(msg, work)
 
     return app

@@ -26,9 +26,10 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from dqc.errors import DQCError
-from dqc.federated.messages import (MISSING, STEP, VERIFY, WHOAMI, Identity, StateMissing,
-                                    digest, pack, payload_bytes, roster_table, step_request,
-                                    unpack, verify_request, whoami_request)
+from dqc.federated.messages import (MISSING, REPORT, STEP, VERIFY, WHOAMI, Identity,
+                                    StateMissing, digest, pack, payload_bytes, report_request,
+                                    roster_table, step_request, unpack, verify_request,
+                                    whoami_request)
 from dqc.federated.replies import ReplyFault, adam_step_bound, read_hello, read_step, read_tally
 from dqc.federated.runconfig import (NETWORK_DEFAULTS, VERIFY_AT, config_from_args,
                                      read_config, server_config, specs_from_config)
@@ -295,6 +296,21 @@ def network_figures(fleet: Fleet, states_sent: int) -> dict:
                                      for c in checks]}
 
 
+def tell_centers(fleet: Fleet, train: pd.DataFrame, spec, qspec):
+    """The `on_cycle` hook that sends each center the decisions about its own images (for
+    its node's page: `dqc.qc_page.center_payload`), never another center's, never a pixel."""
+    from dqc.qc_page import center_payload, settings
+
+    shown, planned = settings(spec, qspec), (spec.cycles.start, spec.cycles.stop - 1)
+
+    def tell(policy, cycle: int) -> None:
+        fleet.exchange([Message(report_request(center_payload(policy, train, center, cycle,
+                                                              shown, planned, qspec.name)),
+                                node, REPORT, group_id=center)
+                        for center, node in sorted(fleet.nodes.items())])
+    return tell
+
+
 def serve(grid: Grid, config: dict) -> dict:
     """Run quality control with the nodes of `grid`; returns the network figures."""
     from dqc.io import write_text
@@ -374,8 +390,10 @@ def _run(spec, qspec, fleet: Fleet, identities: Sequence[Identity], verify_at: s
                            "center validation images, or use --verify-at server")
         verify = (validation, lambda trainer: RemoteVerify(
             fleet, trainer, declared, qspec.rule().evaluation_detail(), qspec.legacy_rates))
-    run_quality_control(spec, qspec, federation=Federation(roster_table(identities), make_step,
-                                                           verify, left_out))
+    table = roster_table(identities)
+    news = tell_centers(fleet, table, spec, qspec) if qspec.report else None
+    run_quality_control(spec, qspec, federation=Federation(table, make_step, verify, left_out,
+                                                           on_cycle=news))
 
 
 def _exclude(spec, fleet: Fleet, fault: FaultyNode) -> dict:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 from dqc.io import write_csv
 from dqc.data import load_table
 from dqc.errors import DQCError
-from dqc.federated.node import NodeFiles, client_app, node_csv
+from dqc.federated.node import NodeFiles, client_app, node_csv, node_report_dir
 from dqc.federated.server import (check_server_inputs, server_app, server_config,
                                   specs_from_config)
 
@@ -88,9 +88,9 @@ def simulate(args: argparse.Namespace,
     """Run the federated QC in Flower's Simulation Engine; returns the network figures.
 
     `node_files` tells each simulated node its CSVs (default: the split of -fn_train and
-    -fn_test in OUT/nodes, by partition id); `mods`: Flower mods around every node's
-    handlers; `engine` "inprocess": no Ray, every node called in this process
-    (`dqc.federated.inprocess`)."""
+    -fn_test in OUT/nodes, by partition id); each node writes its own report page there
+    (NAME_report_CENTER.html); `mods`: Flower mods around every node's handlers; `engine`
+    "inprocess": no Ray, every node called in this process (`dqc.federated.inprocess`)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
@@ -106,7 +106,8 @@ def simulate(args: argparse.Namespace,
     nodes = write_node_csvs(rows, nodes_dir)
     outcome: dict = {}
     server = server_app(config, outcome)
-    nodes_app = client_app(node_files or partial(node_csv, nodes_dir=str(nodes_dir)), mods)
+    nodes_app = client_app(node_files or partial(node_csv, nodes_dir=str(nodes_dir)), mods,
+                           report_for=partial(node_report_dir, nodes_dir=str(nodes_dir)))
     if engine == "inprocess":
         from dqc.federated.inprocess import run_in_process
 
