@@ -19,6 +19,8 @@ START_CYCLE = 10
 SEED = 42
 #: What makes an update harmful, and the other criteria's parameters (`dqc.qc.Criterion`).
 CRITERION = "rates"
+#: The criterion the demo and the study run beside the paper's rule (chosen by measurement).
+RECOMMENDED_CRITERION = "combined"
 ALPHA = 0.05
 Z = 3.0
 WINDOW = 50
