@@ -372,6 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--criteria", type=lambda s: tuple(s.split(",")), help="QC criteria to run, "
                    "comma-separated, each at its default settings (the paper's rule and the "
                    f"recommended criterion: {','.join(d.criteria)})")
+    p.add_argument("--finding-cycles", type=int, help="the findings' test AUROC: the mean "
+                   f"over the last K cycles ({d.finding_cycles})")
     p.add_argument("--whole-centers", type=int, help="scenario A: number of wholly harmful "
                    f"centers ({d.whole_centers})")
     p.add_argument("--single-images", type=int, help="scenario B: centers that get one harmful "
@@ -413,7 +415,7 @@ def check_config(config: DemoConfig) -> None:
     if set(config.types) & set(SCENARIOS):
         raise DQCError(f"--types: {', '.join(SCENARIOS)} name the scenarios")
     if not 1 <= config.finding_cycles <= config.cycles - config.pretrain:
-        raise DQCError(f"finding_cycles {config.finding_cycles}: the findings average 1 to "
+        raise DQCError(f"--finding-cycles {config.finding_cycles}: the findings average 1 to "
                        f"{config.cycles - config.pretrain} cycles (those after pre-training)")
 
 

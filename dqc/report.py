@@ -72,7 +72,8 @@ def _qc_summary(folder: Path) -> dict:
 def per_type_counts(folder: Path, scenario_csv: Path) -> dict[str, tuple[int, int]]:
     """(eliminated, total) per harmful type, and for the good images, in one QC run."""
     images = pd.read_csv(folder / "qc_images.csv", dtype={"Subject": str})
-    kinds = pd.read_csv(scenario_csv, dtype={"Subject": str})[["Subject", "HarmfulType"]]
+    kinds = pd.read_csv(scenario_csv, dtype={"Subject": str, "HarmfulType": str})[
+        ["Subject", "HarmfulType"]]
     images = images.merge(kinds, on="Subject", how="left")
     images["kind"] = images.HarmfulType.fillna("").replace("", "good")
     return {kind: (int(g.eliminated.sum()), len(g)) for kind, g in images.groupby("kind")}

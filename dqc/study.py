@@ -53,10 +53,9 @@ def seed_folder(out: Path, seed: int) -> Path:
     return Path(out) / f"seed_{seed}"
 
 
-def run_seed(config: DemoConfig) -> dict:
-    """One seed's demo (its finished stages reused); its summary.json."""
-    Stages(config).run()
-    return json.loads((Path(config.out) / "report" / "summary.json").read_text())
+def seed_summary(out: Path, seed: int) -> dict:
+    """The summary.json of one seed's demo report."""
+    return json.loads((seed_folder(out, seed) / "report" / "summary.json").read_text())
 
 
 def seed_rows(summary: dict, seed: int, tuning: bool) -> list[dict]:
@@ -68,6 +67,12 @@ def seed_rows(summary: dict, seed: int, tuning: bool) -> list[dict]:
                          "title": scenario["title"], "criterion": r["criterion"],
                          **{m: r.get(m) for m in METRICS}})
     return rows
+
+
+def collect_rows(out: Path, seeds: Sequence[int], tuning: set[int]) -> pd.DataFrame:
+    """Every seed's rows, from the demo reports in `out` (`seed_rows`)."""
+    return pd.DataFrame([row for seed in seeds
+                         for row in seed_rows(seed_summary(out, seed), seed, seed in tuning)])
 
 
 def study_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -174,16 +179,16 @@ def main(argv=None):
         raise DQCError("--seeds: no seed given")
     base = replace(DemoConfig(out=Path(args.out)), **(QUICK if args.quick else {}),
                    verbose=not args.quiet)
-    rows = []
-    for seed in seeds:
-        config = replace(base, out=seed_folder(args.out, seed), seed=seed)
+    configs = [replace(base, out=seed_folder(args.out, seed), seed=seed) for seed in seeds]
+    for config in configs:  # every setting checked before the first seed runs
         check_config(config)
+    for config in configs:
         start = time.perf_counter()
-        print(f"[study] seed {seed}{' (tuning)' if seed in tuned else ''}: {config.out}",
-              flush=True)
-        rows += seed_rows(run_seed(config), seed, seed in tuned)
-        print(f"[study] seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-    path = write_study(pd.DataFrame(rows), Path(args.out),
+        print(f"[study] seed {config.seed}{' (tuning)' if config.seed in tuned else ''}: "
+              f"{config.out}", flush=True)
+        Stages(config).run()
+        print(f"[study] seed {config.seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    path = write_study(collect_rows(Path(args.out), seeds, tuned), Path(args.out),
                        [s for s in seeds if s not in tuned], [s for s in seeds if s in tuned])
     print(f"[study] table: {path}")
 
