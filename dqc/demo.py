@@ -350,11 +350,11 @@ class Stages:
 
 
 def parse_args(argv=None):
+    """The demo's command line; a flag left out keeps `DemoConfig`'s value."""
     d = DemoConfig(out=Path("demo_out"))
     p = Parser(description=__doc__)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--quick", action="store_true", help="a small, fast variant (about 1 "
-                   "minute): fewer, smaller images and cycles; numbers are only indicative")
+    add_variant_flags(p)
     p.add_argument("--centers", type=int, help=f"number of centers (default {d.centers})")
     p.add_argument("--train", type=int, dest="n_train", help=f"training images ({d.n_train})")
     p.add_argument("--val", type=int, dest="n_val", help=f"validation images for QC ({d.n_val})")
@@ -385,8 +385,14 @@ def parse_args(argv=None):
                    "types, dealt out to its centers from the largest "
                    f"({','.join(d.whole_types)})")
     p.add_argument("--seed", type=int, help=f"cohort and scenario seed ({d.seed})")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def add_variant_flags(p: Parser) -> None:
+    """--quick and --quiet: the demo's and the study's."""
+    p.add_argument("--quick", action="store_true", help="a small, fast variant (about 1 "
+                   "minute a demo): fewer, smaller images and cycles; numbers only indicative")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def config_from_args(args) -> DemoConfig:

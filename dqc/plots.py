@@ -195,5 +195,7 @@ def plot_study(rows: pd.DataFrame, metrics: dict[str, str], path: str | Path) ->
                       fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("one point per seed (hollow: a tuning seed); bar: the untuned seeds' mean",
+                 fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

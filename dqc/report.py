@@ -174,46 +174,51 @@ def _cost(r: dict) -> str:
                                               if ratio is not None else "")
 
 
+def _finding(label: str, claim: str, shown: bool, detail: str) -> str:
+    """'LABEL CLAIM: **shown** (DETAIL).' """
+    return f"{label} {claim}: **{_shown(shown)}** ({detail})."
+
+
 def harm_finding(result: dict) -> str:
     """Finding 1: whole harmful centers lower the test AUROC by at least HARM_DROP."""
     clean = result["clean_auroc"]
     whole, single = (result["scenarios"][k] for k in ("whole_centers", "single_images"))
     drop = clean - whole["no_qc_auroc"]
     per_type = ", ".join(f"{t} {v['dirty_auroc']:.3f}" for t, v in result["per_type"].items())
-    return (f"1. Harmful data degrades the travelling model: **{_shown(drop >= HARM_DROP)}**. "
-            f"Test AUROC: clean {clean:.3f}, whole harmful centers (no QC) "
-            f"{whole['no_qc_auroc']:.3f} (drop {drop:+.3f}; bar {HARM_DROP}); single harmful "
-            f"images {single['no_qc_auroc']:.3f}; per type, whole centers of only that type: "
-            f"{per_type}.")
+    return _finding("1.", "Harmful data degrades the travelling model", drop >= HARM_DROP,
+                    f"test AUROC: clean {clean:.3f}, whole harmful centers (no QC) "
+                    f"{whole['no_qc_auroc']:.3f}, drop {drop:+.3f}, bar {HARM_DROP}; single "
+                    f"harmful images {single['no_qc_auroc']:.3f}; per type, whole centers of "
+                    f"only that type: {per_type}")
 
 
 def repair_finding(r: dict, clean: float) -> str:
     """Finding 2 for one criterion: QC of whole harmful centers brings the model back."""
     ok = (r["harmful_eliminated"] >= CAUGHT and r["good_eliminated"] <= SPARED
           and abs(r["auroc_minus_clean"]) <= CLEAN_MARGIN)
-    return (f"2. `{r['criterion']}`: quality control brings the model back to clean: "
-            f"**{_shown(ok)}** (bars: >= {CAUGHT:.0%} harmful and <= {SPARED:.0%} good "
-            f"eliminated, AUROC within {CLEAN_MARGIN} of clean {clean:.3f}). Whole centers: "
-            f"harmful {_caught(r, 'harmful')}, good {_caught(r, 'good')}, AUROC "
-            f"{r['auroc']:.3f}.")
+    return _finding(f"2. `{r['criterion']}`:", "quality control brings the model back to "
+                    "clean", ok, f"bars: >= {CAUGHT:.0%} harmful and <= {SPARED:.0%} good "
+                    f"eliminated, AUROC within {CLEAN_MARGIN} of clean {clean:.3f}; whole "
+                    f"centers: harmful {_caught(r, 'harmful')}, good {_caught(r, 'good')}, "
+                    f"AUROC {r['auroc']:.3f}")
 
 
 def whole_vs_single_finding(whole: dict, single: dict) -> str:
     """Finding 3 for one criterion: whole centers' images are found more than single images,
     eliminated and flagged (eliminated + pending) alike."""
     more = all(whole[k] > single[k] for k in ("harmful_eliminated", "harmful_flagged"))
-    return (f"3. `{whole['criterion']}`: whole harmful centers are found more reliably than "
-            f"single harmful images: **{_shown(more)}** (whole centers {_caught(whole, 'harmful')}; "
-            f"single images {_caught(single, 'harmful')}).")
+    return _finding(f"3. `{whole['criterion']}`:", "whole harmful centers are found more "
+                    "reliably than single harmful images", more, f"whole centers "
+                    f"{_caught(whole, 'harmful')}; single images {_caught(single, 'harmful')}")
 
 
 def clean_cost_finding(r: dict, no_qc: float) -> str:
     """Scenario C for one criterion: what QC costs when no image is harmful."""
     ok = r["good_eliminated"] <= SPARED_CLEAN and abs(r["auroc"] - no_qc) <= CLEAN_MARGIN
-    return (f"4. `{r['criterion']}`: on clean data quality control costs little: "
-            f"**{_shown(ok)}** (bars: <= {SPARED_CLEAN:.0%} good eliminated, AUROC within "
-            f"{CLEAN_MARGIN} of the no-QC run {no_qc:.3f}). Good {_caught(r, 'good')}, AUROC "
-            f"{r['auroc']:.3f}; {_cost(r)}.")
+    return _finding(f"4. `{r['criterion']}`:", "on clean data quality control costs little", ok,
+                    f"bars: <= {SPARED_CLEAN:.0%} good eliminated, AUROC within "
+                    f"{CLEAN_MARGIN} of the no-QC run {no_qc:.3f}; good {_caught(r, 'good')}, "
+                    f"AUROC {r['auroc']:.3f}; {_cost(r)}")
 
 
 def findings(result: dict) -> list[str]:

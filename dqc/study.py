@@ -27,7 +27,7 @@ from typing import Sequence
 import pandas as pd
 
 from dqc.cli import Parser, run_main
-from dqc.demo import QUICK, DemoConfig, Stages, check_config
+from dqc.demo import QUICK, DemoConfig, Stages, add_variant_flags, check_config
 from dqc.errors import DQCError
 from dqc.io import write_csv, write_text
 
@@ -166,9 +166,7 @@ def parse_args(argv=None):
                    help="cohort seeds to run, comma-separated")
     p.add_argument("--tuning-seeds", default=",".join(map(str, TUNING_SEEDS)),
                    help="the seeds settings were tuned on: reported apart from the others")
-    p.add_argument("--quick", action="store_true", help="each seed's demo in its --quick "
-                   "variant (numbers only indicative)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_variant_flags(p)  # each seed's demo in that variant
     return p.parse_args(argv)
 
 
