@@ -40,6 +40,8 @@ RULES = (defaults.CRITERION, defaults.RECOMMENDED_CRITERION)
 PRETRAIN_SEED = 40
 #: Each run's wall seconds per cycle, {cycle: seconds}, in its folder.
 CYCLE_SECONDS = "cycle_seconds.json"
+#: Each stage's wall seconds, {stage: seconds}, in the demo's folder.
+STAGE_SECONDS = "stage_seconds.json"
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class DemoConfig:
     width: float = 0.5     # half the paper's filter counts: ~0.05 s per step on 2 cores
     intensity: str = "raw"  # the authors' raw intensities (see README: what harms here)
     pretrain: int = 10     # cycles 0..9, as in the paper
-    cycles: int = 16       # runs end at cycle 15: QC cycles 10..15, revisits done by 15
+    cycles: int = 14       # runs end at cycle 13: QC cycles 10..13; images flagged in
+    #                        10..11 are revisited (R = 2), later ones end pending
     revisit: int = defaults.REVISIT
     criteria: tuple[str, ...] = RULES
     finding_cycles: int = 3  # the findings' test AUROC: the mean over the last K cycles
@@ -64,7 +67,7 @@ class DemoConfig:
     whole_types: tuple[str, ...] = ("inverted",)  # the type that harms here (see README)
     single_images: int = 4
     types: tuple[str, ...] = ("inverted", "noise")  # measured one by one; scenario B's
-    instrument_n: int = 10
+    instrument_n: int = 6  # candidates per detectability group (6 groups: its time)
     pretrain_batch_size: int = defaults.BATCH_SIZE
     seed: int = 0
     verbose: bool = True
@@ -119,17 +122,24 @@ class Stages:
     def __init__(self, config: DemoConfig):
         self.config = config
         self.out = Path(config.out)
-        self.seconds: dict[str, float] = {}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds of every stage run so far, in this process or an earlier one."""
+        path = self.out / STAGE_SECONDS
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def stage(self, name: str, done: bool, work) -> None:
+        """Run `work` unless `done`; its seconds go to OUT/STAGE_SECONDS."""
         if done:
             print(f"[demo] {name}: reused")
             return
         print(f"[demo] {name} ...", flush=True)
         start = time.perf_counter()
         work()
-        self.seconds[name] = time.perf_counter() - start
-        print(f"[demo] {name}: {self.seconds[name]:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        write_json(self.out / STAGE_SECONDS, {**self.seconds, name: seconds})
+        print(f"[demo] {name}: {seconds:.0f} s", flush=True)
 
     # --- paths -------------------------------------------------------------------------
     @property

@@ -139,7 +139,7 @@ def summary(stages, scenarios: dict[str, Scenario]) -> dict:
     cycles = finding_cycles(c)
     clean, clean_last = auroc(out, "clean", cycles)
     result = {"finding_cycles": [cycles.start, cycles.stop - 1],
-              "criteria": list(c.criteria),
+              "criteria": list(c.criteria), "stage_seconds": stages.seconds,
               "clean_auroc": clean, "clean_auroc_last": clean_last,
               "per_type": {}, "scenarios": {}}
     for t in c.types:
@@ -363,7 +363,7 @@ def markdown(stages, scenarios: dict[str, Scenario], result: dict, results: pd.D
         "",
         "```",
         *[f"{k} = {v}" for k, v in asdict(c).items()],
-        *[f"{k}: {v:.0f} s" for k, v in stages.seconds.items()],
+        *[f"{k}: {v:.0f} s" for k, v in result["stage_seconds"].items()],
         "```",
         "",
     ])

@@ -73,6 +73,10 @@ def test_report_files_and_table(demo: Path):
         seconds = json.loads((demo / folder / "cycle_seconds.json").read_text())
         assert set(seconds) >= {"2", "3"} and all(v > 0 for v in seconds.values())
     assert all(r["qc_to_training"] > 0 for s in result["scenarios"].values() for r in s["qc"])
+    # where the demo's time went: every stage's seconds, kept across runs
+    assert {"cohort", "clean travelling model", "detectability of single updates",
+            f"quality control C ({RECOMMENDED})", f"inference qc_C_{PAPER}"} <= \
+        set(result["stage_seconds"])
 
 
 def test_rerun_reuses_every_stage(demo: Path, capsys):
