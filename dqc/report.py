@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dqc.data import load_table
-from dqc.demo import SCENARIOS, Scenario, cycle_seconds
+from dqc.demo import Scenario, cycle_seconds
 from dqc.harmful import make_harmful
 from dqc.io import write_bytes, write_csv, write_json, write_text
 from dqc.plots import plot_montage, plot_qc_log, plot_runs
@@ -120,16 +120,16 @@ def qc_result(stages, scenario: str, criterion: str, clean: float,
     return result
 
 
-def scenario_result(stages, scenario: str, clean: float) -> dict:
+def scenario_result(stages, letter: str, scenario: Scenario, clean: float) -> dict:
     """A scenario's no-QC run and each criterion's QC run."""
     c = stages.config
-    no_qc = stages.no_qc_run(scenario)
+    no_qc = stages.no_qc_run(letter)
     mean, last = auroc(stages.out, no_qc, finding_cycles(c))
     training = mean_seconds(stages.runs()[no_qc][0], range(c.pretrain, c.cycles))
-    return {"scenario": scenario, "title": SCENARIOS[scenario].title, "no_qc_run": no_qc,
+    return {"scenario": letter, "title": scenario.title, "no_qc_run": no_qc,
             "no_qc_auroc": mean, "no_qc_auroc_last": last,
             "training_seconds_per_cycle": training,
-            "qc": [qc_result(stages, scenario, k, clean, training) for k in c.criteria]}
+            "qc": [qc_result(stages, letter, k, clean, training) for k in c.criteria]}
 
 
 def summary(stages, scenarios: dict[str, Scenario]) -> dict:
@@ -146,7 +146,7 @@ def summary(stages, scenarios: dict[str, Scenario]) -> dict:
         dirty, dirty_last = auroc(out, stages.type_run(t), cycles)
         result["per_type"][t] = {"dirty_auroc": dirty, "dirty_auroc_last": dirty_last}
     for s, scenario in scenarios.items():
-        result["scenarios"][scenario.key] = scenario_result(stages, s, clean)
+        result["scenarios"][scenario.key] = scenario_result(stages, s, scenario, clean)
     return result
 
 
