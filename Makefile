@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
+STUDY_OUT ?= study_out
 # GPU=1 (make setup|demo|test GPU=1): also JAX with its CUDA plugin (requirements-gpu.txt), and
 # "jax" written to .venv/keras-backend, which every script reads (dqc/runtime.py; --backend or
 # KERAS_BACKEND still win). Only on a machine with an NVIDIA GPU: elsewhere one line, no install.
@@ -18,7 +19,7 @@ GPU_PACKAGES = $(shell sed -e 's/\#.*//' requirements-gpu.txt)
 JAX_TEST_ENV := KERAS_BACKEND=jax JAX_COMPILATION_CACHE_DIR=$(abspath $(VENV))/jax-cache \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 
-.PHONY: setup gpu-check test test-deploy demo bench clean
+.PHONY: setup gpu-check test test-deploy demo study bench clean
 
 setup: $(if $(GPU),gpu-check $(STAMP) $(GPU_STAMP),$(STAMP))
 
@@ -55,11 +56,15 @@ test-deploy: setup
 demo: setup
 	$(PY) -m dqc.demo --out $(DEMO_OUT)
 
+# The demo's scenarios over cohort seeds (docs/study.md): a benchmark, hours; resumable.
+study: setup
+	$(PY) -m dqc.study --out $(STUDY_OUT)
+
 bench: setup
 	$(PY) -m dqc.bench --out bench_out
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) bench_out .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(STUDY_OUT) bench_out .pytest_cache
 
 # README.md's demo figures from the demo's summary.json (python -m dqc.readme); docs-check fails
 # when the README quotes a figure that is not the report's.

@@ -38,6 +38,7 @@ Modules, one job each:
 - `demo`: `python -m dqc.demo`: the paper's experiment end to end on the embedded cohort.
 - `report`: the demo's report (README.md with the findings, summary.json) from its files.
 - `readme`: README.md's demo figures, generated from the demo's summary.json (`make docs`).
+- `study`: `python -m dqc.study`: the demo's scenarios over cohort seeds, one table and plot.
 - `federated`: quality control across machines on Flower (package):
   - `federated.__main__`: `python -m dqc.federated simulate|deploy|worker|app-dir`.
   - `federated.messages`: what travels between server and node, and nothing else.

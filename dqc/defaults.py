@@ -24,6 +24,7 @@ EPOCHS = 1
 #: What makes an update harmful (`dqc.criteria`): the paper's rule, so that the authors'
 #: command lines run the paper's method; and the criterion this implementation recommends.
 CRITERION = "rates"
+#: The criterion the demo and the study run beside the paper's rule, and why.
 RECOMMENDED_CRITERION = "combined"
 RECOMMENDED_WHY = ("a batch's own training loss sees harm at no validation cost and one "
                    "image's held-out check sees what its own loss cannot, each against a "

@@ -4,25 +4,44 @@
     python -m dqc.demo --out demo_quick --quick
 
 Stages, each reused when its outputs exist (rerunning after an interruption continues):
-cohort -> clean travelling model (pre-training 0..P-1, then on to the last cycle) ->
-detectability of single updates from the pre-trained model -> one dirty baseline per harmful
-type (how much each type harms) -> two dirty training sets (A: whole harmful centers, B: single
-harmful images in good centers) -> for each, the dirty baseline and one QC run per criterion
-from the cycle P-1 model -> inference on the held-out test set -> report (tables, findings,
-plots, summary.json) in OUT/report.
+cohort -> clean travelling model (pre-training 0..P-1, then continued from the cycle P-1 model
+as every other run is: the no-QC run of clean data) -> detectability of single updates from
+the pre-trained model -> one dirty baseline per harmful type (how much each type harms) ->
+three training sets (A: whole harmful centers, B: single harmful images in good centers, C:
+no harmful image) -> for each, the dirty baseline (C: the clean run) and one QC run per
+criterion from the cycle P-1 model -> inference on the held-out test set -> report (tables,
+findings, plots, summary.json) in OUT/report.
+
+The criteria are fixed before anything runs (`RULES`: the paper's rule and the recommended
+criterion, each at its default settings, as `--criterion X` with no other flag runs it); each
+run's seconds per cycle are kept beside its checkpoints (`CYCLE_SECONDS`), so the report can
+set QC's cost against a training cycle.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, Sequence
 
 import pandas as pd
 
 from dqc import defaults
 from dqc.cli import Parser, run_main
 from dqc.errors import DQCError
+from dqc.io import write_csv, write_json
+
+#: The criteria the demo runs, named before any result exists: the paper's rule (the scripts'
+#: default criterion) and the recommended one, both at their default settings.
+RULES = (defaults.CRITERION, defaults.RECOMMENDED_CRITERION)
+#: The pre-training's seed: the authors' standard travelling model script's.
+PRETRAIN_SEED = 40
+#: Each run's wall seconds per cycle, {cycle: seconds}, in its folder.
+CYCLE_SECONDS = "cycle_seconds.json"
+#: Each stage's wall seconds, {stage: seconds}, in the demo's folder.
+STAGE_SECONDS = "stage_seconds.json"
 
 
 @dataclass(frozen=True)
@@ -39,25 +58,62 @@ class DemoConfig:
     width: float = 0.5     # half the paper's filter counts: ~0.05 s per step on 2 cores
     intensity: str = "raw"  # the authors' raw intensities (see README: what harms here)
     pretrain: int = 10     # cycles 0..9, as in the paper
-    cycles: int = 16       # runs end at cycle 15: QC cycles 10..15, revisits done by 15
+    cycles: int = 14       # runs end at cycle 13: QC cycles 10..13; images flagged in
+    #                        10..11 are revisited (R = 2), later ones end pending
     revisit: int = defaults.REVISIT
-    error: float = defaults.ERROR  # the paper's rule (criterion `rates`)
-    criteria: tuple[str, ...] = ("rates", "combined")
+    criteria: tuple[str, ...] = RULES
+    finding_cycles: int = 3  # the findings' test AUROC: the mean over the last K cycles
     whole_centers: int = 2
     whole_types: tuple[str, ...] = ("inverted",)  # the type that harms here (see README)
     single_images: int = 4
     types: tuple[str, ...] = ("inverted", "noise")  # measured one by one; scenario B's
-    instrument_n: int = 10
+    instrument_n: int = 6  # candidates per detectability group (6 groups: its time)
     pretrain_batch_size: int = defaults.BATCH_SIZE
     seed: int = 0
     verbose: bool = True
 
 
-QUICK = dict(centers=8, n_train=60, n_val=50, n_test=40, downsample=5, effect=0.6, width=0.25,
-             pretrain=6, cycles=9, error=0.04, whole_centers=1, single_images=2,
+QUICK = dict(centers=8, n_train=60, n_val=100, n_test=40, downsample=5, effect=0.6, width=0.25,
+             pretrain=6, cycles=9, whole_centers=1, single_images=2,
              pretrain_batch_size=2, instrument_n=4)
 
-SCENARIOS = {"A": "whole harmful centers", "B": "single harmful images"}
+
+@dataclass(frozen=True)
+class Scenario:
+    """A training set of the demo: its name in summary.json, its title, and whether it holds
+    harmful images (without, its no-QC run is the clean run)."""
+
+    key: str
+    title: str
+    harmful: bool = True
+
+
+SCENARIOS = {"A": Scenario("whole_centers", "whole harmful centers"),
+             "B": Scenario("single_images", "single harmful images"),
+             "C": Scenario("clean", "no harmful image", harmful=False)}
+
+
+def without_harm(scenario: str) -> bool:
+    """Whether `scenario` names a scenario with no harmful image (C)."""
+    return scenario in SCENARIOS and not SCENARIOS[scenario].harmful
+
+
+def record_cycle_seconds(folder: Path, seconds: Sequence[float], stop: int) -> None:
+    """Add the seconds of the cycles just run, the last len(seconds) before `stop`, to the
+    folder's CYCLE_SECONDS."""
+    if not len(seconds):
+        return
+    known = cycle_seconds(folder)
+    known.update({stop - len(seconds) + i: float(s) for i, s in enumerate(seconds)})
+    write_json(folder / CYCLE_SECONDS, {str(k): v for k, v in sorted(known.items())})
+
+
+def cycle_seconds(folder: Path) -> dict[int, float]:
+    """{cycle: wall seconds} of a run folder (empty when it was not timed)."""
+    path = Path(folder) / CYCLE_SECONDS
+    if not path.is_file():
+        return {}
+    return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
 
 
 class Stages:
@@ -66,17 +122,24 @@ class Stages:
     def __init__(self, config: DemoConfig):
         self.config = config
         self.out = Path(config.out)
-        self.seconds: dict[str, float] = {}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds of every stage run so far, in this process or an earlier one."""
+        path = self.out / STAGE_SECONDS
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def stage(self, name: str, done: bool, work) -> None:
+        """Run `work` unless `done`; its seconds go to OUT/STAGE_SECONDS."""
         if done:
             print(f"[demo] {name}: reused")
             return
         print(f"[demo] {name} ...", flush=True)
         start = time.perf_counter()
         work()
-        self.seconds[name] = time.perf_counter() - start
-        print(f"[demo] {name}: {self.seconds[name]:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        write_json(self.out / STAGE_SECONDS, {**self.seconds, name: seconds})
+        print(f"[demo] {name}: {seconds:.0f} s", flush=True)
 
     # --- paths -------------------------------------------------------------------------
     @property
@@ -108,15 +171,24 @@ class Stages:
 
         return checkpoint.cycle_paths(self.run_dir("clean"), "tm", self.config.pretrain - 1)
 
+    def no_qc_run(self, scenario: str) -> str:
+        """The run a scenario's QC runs are set against: its dirty baseline, or for a
+        scenario without harmful images the clean run (the same data, continued alike)."""
+        return "clean" if without_harm(scenario) else f"dirty_{scenario}"
+
+    def qc_dir(self, scenario: str, criterion: str) -> Path:
+        return self.run_dir("qc", f"{scenario}_{criterion}")
+
     def runs(self) -> dict[str, tuple[Path, str]]:
         """Every trained run the report compares: name -> (folder, file prefix)."""
         runs = {"clean": (self.run_dir("clean"), "tm")}
         for t in self.own_type_runs():
             runs[f"dirty_{t}"] = (self.run_dir("dirty", t), "dirty")
-        for s in SCENARIOS:
-            runs[f"dirty_{s}"] = (self.run_dir("dirty", s), "dirty")
+        for s, scenario in SCENARIOS.items():
+            if scenario.harmful:
+                runs[f"dirty_{s}"] = (self.run_dir("dirty", s), "dirty")
             for criterion in self.config.criteria:
-                runs[f"qc_{s}_{criterion}"] = (self.run_dir("qc", f"{s}_{criterion}"), "qc")
+                runs[f"qc_{s}_{criterion}"] = (self.qc_dir(s, criterion), "qc")
         return runs
 
     # --- stages ------------------------------------------------------------------------
@@ -133,16 +205,31 @@ class Stages:
 
         return RunSpec(verbose=self.config.verbose, resume=True, **kwargs)
 
+    def _timed(self, run: Callable, spec, *args) -> None:
+        """run(spec, *args) with the cycles timed (the spec's own stopwatch); their seconds
+        are added to the run folder's CYCLE_SECONDS (a resumed run times only the cycles it
+        trains)."""
+        run(spec, *args)
+        record_cycle_seconds(Path(spec.out), spec.execution.timings.history["cycle"],
+                             spec.cycles.stop)
+
     def train_clean(self) -> None:
+        """Pre-training (the authors' standard script: its seed, the pre-training batch size),
+        then cycles P.. continued from the cycle P-1 model exactly as the dirty and QC runs
+        are, so that the clean run is scenario C's no-QC run."""
+        from dqc import checkpoint
         from dqc.model import Architecture
         from dqc.runs import train_cycles
 
         c = self.config
-        train_cycles(self._spec(train_csv=str(self.cohort / "train.csv"),
-                                out=str(self.run_dir("clean")), prefix="tm",
-                                cycles=range(0, c.cycles), seed=defaults.PRETRAIN_SEED,
-                                batch_size=c.pretrain_batch_size,
-                                arch=Architecture(width=c.width, intensity=c.intensity)))
+        train, out = self.cohort / "train.csv", self.run_dir("clean")
+        done = checkpoint.last_complete_cycle(out, "tm")
+        if done is None or done < c.pretrain - 1:
+            self._timed(train_cycles, self._spec(
+                train_csv=str(train), out=str(out), prefix="tm", cycles=range(0, c.pretrain),
+                seed=PRETRAIN_SEED, batch_size=c.pretrain_batch_size,
+                arch=Architecture(width=c.width, intensity=c.intensity)))
+        self._timed(train_cycles, self._spec(**self._continued(train, out, "tm")))
 
     def measure_detectability(self) -> None:
         from dqc import checkpoint
@@ -155,14 +242,21 @@ class Stages:
         trainer, _ = checkpoint.load_trainer(p["encoder"], p["classifier"])
         run_instrument(trainer, load_table(self.cohort / "train.csv", "train"),
                        load_table(self.cohort / "val.csv", "validation"), types=list(c.types),
-                       n=c.instrument_n, error=c.error, cycle=c.pretrain, seed=c.seed,
+                       n=c.instrument_n, error=defaults.ERROR, cycle=c.pretrain, seed=c.seed,
                        out=self.detectability, verbose=c.verbose)
 
     def build_scenario(self, scenario: str) -> None:
-        """A and B as in the paper; a harmful type's name: its whole centers, that type only."""
+        """A and B as in the paper; C: the cohort's training set as it is, every image marked
+        good (so that QC's summary counts good images eliminated); a harmful type's name: its
+        whole centers, that type only."""
+        from dqc.data import load_table
         from dqc.harmful import build_scenario
 
         c = self.config
+        if without_harm(scenario):
+            table = load_table(self.cohort / "train.csv", "train")
+            write_csv(self.scenario_csv(scenario), table.assign(Harmful=0, HarmfulType=""))
+            return
         counts = {"A": dict(centers=self.harmful_centers(), types=list(c.whole_types)),
                   "B": dict(single_images=c.single_images, types=list(c.types))}
         kwargs = counts.get(scenario, dict(centers=self.harmful_centers(), types=[scenario]))
@@ -182,35 +276,33 @@ class Stages:
         order = sorted(sizes.index, key=lambda center: (-sizes[center], center))
         return order[1:1 + self.config.whole_centers]
 
-    def _continued(self, scenario: str, kind: str, prefix: str, folder: str) -> dict:
+    def _continued(self, train_csv: Path, out: Path, prefix: str) -> dict:
+        """A run from the cycle P-1 model over cycles P..: the dirty, QC and clean runs."""
         p = self.pretrained()
-        return dict(train_csv=str(self.scenario_csv(scenario)),
-                    out=str(self.run_dir(kind, folder)), prefix=prefix,
+        return dict(train_csv=str(train_csv), out=str(out), prefix=prefix,
                     cycles=range(self.config.pretrain, self.config.cycles), seed=defaults.SEED,
                     encoder=str(p["encoder"]), classifier=str(p["classifier"]))
 
     def train_dirty(self, scenario: str) -> None:
         from dqc.runs import train_cycles
 
-        train_cycles(self._spec(**self._continued(scenario, "dirty", "dirty", scenario)))
+        self._timed(train_cycles, self._spec(**self._continued(
+            self.scenario_csv(scenario), self.run_dir("dirty", scenario), "dirty")))
 
     def qc_spec(self, criterion: str):
-        """The QC settings of one criterion: the demo's -error where it takes the paper's
-        e (`rates`), the script's defaults otherwise (`--criterion X` alone)."""
-        from dqc.criteria import CRITERIA
+        """The QC settings of one criterion: its defaults (as `--criterion X` alone), with the
+        demo's validation set and revisit R."""
         from dqc.runs import QCSpec
 
-        c = self.config
-        params = {"error": c.error} if "error" in CRITERIA[criterion].parameter_names() else {}
-        return QCSpec(val_csv=str(self.cohort / "val.csv"), revisit=c.revisit, name="qc",
-                      criterion=criterion, params=params)
+        return QCSpec(val_csv=str(self.cohort / "val.csv"), revisit=self.config.revisit,
+                      name="qc", criterion=criterion)
 
     def quality_control(self, scenario: str, criterion: str) -> None:
         from dqc.runs import run_quality_control
 
-        run_quality_control(self._spec(**self._continued(scenario, "qc", "qc",
-                                                         f"{scenario}_{criterion}")),
-                            self.qc_spec(criterion))
+        self._timed(run_quality_control, self._spec(**self._continued(
+            self.scenario_csv(scenario), self.qc_dir(scenario, criterion), "qc")),
+            self.qc_spec(criterion))
 
     def infer(self, name: str, folder: Path, prefix: str) -> None:
         from dqc.inference import find_cycle_models, output_paths, predict_cycles, write_outputs
@@ -227,6 +319,8 @@ class Stages:
         last = self.config.cycles - 1
         self.stage(f"scenario {scenario}", self.scenario_csv(scenario).is_file(),
                    lambda: self.build_scenario(scenario))
+        if without_harm(scenario):
+            return
         self.stage(f"dirty baseline {scenario}",
                    checkpoint.last_complete_cycle(self.run_dir("dirty", scenario),
                                                   "dirty") == last,
@@ -249,9 +343,8 @@ class Stages:
         for s in SCENARIOS:
             self._dirty(s)
             for criterion in c.criteria:
-                folder = self.run_dir("qc", f"{s}_{criterion}")
                 self.stage(f"quality control {s} ({criterion})",
-                           (folder / "qc_summary.json").is_file(),
+                           (self.qc_dir(s, criterion) / "qc_summary.json").is_file(),
                            lambda s=s, k=criterion: self.quality_control(s, k))
         for name, (folder, prefix) in self.runs().items():
             self.stage(f"inference {name}",
@@ -265,11 +358,11 @@ class Stages:
 
 
 def parse_args(argv=None):
+    """The demo's command line; a flag left out keeps `DemoConfig`'s value."""
     d = DemoConfig(out=Path("demo_out"))
     p = Parser(description=__doc__)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--quick", action="store_true", help="a small, fast variant (about 1 "
-                   "minute): fewer, smaller images and cycles; numbers are only indicative")
+    add_variant_flags(p)
     p.add_argument("--centers", type=int, help=f"number of centers (default {d.centers})")
     p.add_argument("--train", type=int, dest="n_train", help=f"training images ({d.n_train})")
     p.add_argument("--val", type=int, dest="n_val", help=f"validation images for QC ({d.n_val})")
@@ -284,10 +377,11 @@ def parse_args(argv=None):
     p.add_argument("-cycles", "--cycles", dest="cycles", type=int,
                    help=f"total cycles; runs end at cycles-1 ({d.cycles})")
     p.add_argument("-revisit", type=int, dest="revisit", help=f"QC revisit R ({d.revisit})")
-    p.add_argument("-error", type=float, dest="error", help=f"QC error e of the paper's rule "
-                   f"({d.error})")
     p.add_argument("--criteria", type=lambda s: tuple(s.split(",")), help="QC criteria to run, "
-                   f"comma-separated ({','.join(d.criteria)})")
+                   "comma-separated, each at its default settings (the paper's rule and the "
+                   f"recommended criterion: {','.join(d.criteria)})")
+    p.add_argument("--finding-cycles", type=int, help="the findings' test AUROC: the mean "
+                   f"over the last K cycles ({d.finding_cycles})")
     p.add_argument("--whole-centers", type=int, help="scenario A: number of wholly harmful "
                    f"centers ({d.whole_centers})")
     p.add_argument("--single-images", type=int, help="scenario B: centers that get one harmful "
@@ -299,8 +393,14 @@ def parse_args(argv=None):
                    "types, dealt out to its centers from the largest "
                    f"({','.join(d.whole_types)})")
     p.add_argument("--seed", type=int, help=f"cohort and scenario seed ({d.seed})")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def add_variant_flags(p: Parser) -> None:
+    """--quick and --quiet: the demo's and the study's."""
+    p.add_argument("--quick", action="store_true", help="a small, fast variant (about 1 "
+                   "minute a demo): fewer, smaller images and cycles; numbers only indicative")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def config_from_args(args) -> DemoConfig:
@@ -318,7 +418,7 @@ def config_from_args(args) -> DemoConfig:
 def check_config(config: DemoConfig) -> None:
     """One-line errors for settings the demo cannot run with."""
     from dqc.harmful import check_types
-    from dqc.criteria import CRITERIA
+    from dqc.qc import CRITERIA
 
     check_types(config.types)
     check_types(config.whole_types)
@@ -328,6 +428,9 @@ def check_config(config: DemoConfig) -> None:
                        f"(known: {', '.join(CRITERIA)})")
     if set(config.types) & set(SCENARIOS):
         raise DQCError(f"--types: {', '.join(SCENARIOS)} name the scenarios")
+    if not 1 <= config.finding_cycles <= config.cycles - config.pretrain:
+        raise DQCError(f"--finding-cycles {config.finding_cycles}: the findings average 1 to "
+                       f"{config.cycles - config.pretrain} cycles (those after pre-training)")
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """Every picture the project draws, in one style: metrics across cycles, the QC log (rates or
-the criterion's statistic), image montages and mosaics, the detectability spread.
+the criterion's statistic), image montages and mosaics, the detectability spread, the study
+over seeds.
 
 Drawn with matplotlib's object-oriented API, each `Figure` on its own Agg canvas: no pyplot,
 so importing this module picks no matplotlib backend and keeps no figure alive; every figure
@@ -262,4 +263,34 @@ def plot_metrics(metrics: pd.DataFrame, path: str | Path, shown: Sequence[tuple[
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    return _save(fig, path)
+
+
+def plot_study(rows: pd.DataFrame, metrics: dict[str, str], path: str | Path) -> Path:
+    """The study over seeds: a panel per figure (`metrics`: column -> title), a column of
+    points per scenario and criterion, one point per seed (hollow: a tuning seed, from
+    `rows.tuning`), a bar at the untuned seeds' mean."""
+    groups = list(dict.fromkeys(zip(rows.scenario, rows.criterion)))
+    positions = np.arange(len(groups))
+    fig = _figure((3.2 * len(metrics), 3.8))
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    for ax, (column, title) in zip(axes, metrics.items()):
+        for x, (scenario, criterion) in zip(positions, groups):
+            group = rows[(rows.scenario == scenario) & (rows.criterion == criterion)]
+            values = pd.to_numeric(group[column], errors="coerce")
+            color = f"C{list(dict.fromkeys(rows.criterion)).index(criterion)}"
+            for tuning, face in ((False, color), (True, "none")):
+                shown = values[group.tuning == tuning]
+                ax.scatter(np.full(len(shown), x), shown, s=22, facecolors=face,
+                           edgecolors=color, zorder=3)
+            untuned = values[~group.tuning].dropna()
+            if len(untuned):
+                ax.hlines(untuned.mean(), x - 0.3, x + 0.3, colors=color, lw=2)
+        ax.set_xticks(positions, [f"{s} {k}" for s, k in groups], rotation=40, ha="right",
+                      fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("one point per seed (hollow: a tuning seed); bar: the untuned seeds' mean",
+                 fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)

@@ -1,50 +1,67 @@
-"""The demo's report: README.md with results, detection and the three findings; summary.json.
+"""The demo's report: README.md with results, detection and the findings; summary.json.
 
-Every figure comes from the run's own files (inference metrics, QC summaries, the
-detectability instrument), so the report can be rebuilt from a finished demo folder.
+Every figure comes from the run's own files (inference metrics, QC summaries and image tables,
+each run's seconds per cycle, the detectability instrument), so the report can be rebuilt
+from a finished demo folder. The findings are stated for each criterion the demo ran, never
+for the best of them, and on the mean test AUROC over the last K cycles
+(`DemoConfig.finding_cycles`): one cycle's AUROC swings by a few points.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from dqc.io import write_bytes, write_csv, write_json, write_text
 from dqc.data import load_table
+from dqc.demo import Scenario, cycle_seconds
 from dqc.harmful import make_harmful
+from dqc.io import write_bytes, write_csv, write_json, write_text
 from dqc.plots import plot_montage, plot_qc_log, plot_runs
 
 TABLE_METRICS = ("accuracy", "sensitivity", "specificity", "auroc", "f1")
 #: The issue's bars for the findings (test AUROC points, fractions of images).
 HARM_DROP = 0.05
 CLEAN_MARGIN = 0.02
-CAUGHT, SPARED = 0.90, 0.05
+CAUGHT, SPARED = 0.90, 0.03
+#: Scenario C (no harmful image): good images QC may eliminate at most.
+SPARED_CLEAN = 0.02
 
+
+# --- reading a finished demo -------------------------------------------------------------
 
 def _metrics(out: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(out / "inference" / f"{name}_metrics.csv")
 
 
-def _auroc(out: Path, name: str, first: int) -> tuple[float, float]:
-    """(test AUROC at the last cycle, mean test AUROC over cycles >= first)."""
+def finding_cycles(config) -> range:
+    """The cycles whose test AUROC the findings average: the last K of the run."""
+    return range(config.cycles - config.finding_cycles, config.cycles)
+
+
+def auroc(out: Path, name: str, cycles: range) -> tuple[float, float]:
+    """(mean test AUROC over `cycles`, test AUROC at the last cycle) of one run."""
     m = _metrics(out, name)
-    return float(m.loc[m.cycle.idxmax(), "auroc"]), float(m[m.cycle >= first].auroc.mean())
+    missing = sorted(set(cycles) - set(m.cycle))
+    if missing:
+        raise ValueError(f"{name}: no test metrics for cycle(s) {missing}")
+    return (float(m[m.cycle.isin(cycles)].auroc.mean()),
+            float(m.loc[m.cycle.idxmax(), "auroc"]))
 
 
-def results_table(out: Path, names: list[str], first: int) -> pd.DataFrame:
-    """Test metrics at the last cycle, and the mean AUROC over the continued cycles."""
+def results_table(out: Path, names: list[str], cycles: range) -> pd.DataFrame:
+    """Test metrics at the last cycle, and the findings' mean AUROC over `cycles`."""
     rows = []
     for name in names:
         m = _metrics(out, name)
         last = m.loc[m.cycle.idxmax()]
         rows.append({"run": name, "cycle": int(last.cycle),
                      **{k: round(float(last[k]), 3) for k in TABLE_METRICS},
-                     f"mean auroc {first}..{int(last.cycle)}":
-                         round(float(m[m.cycle >= first].auroc.mean()), 3)})
+                     f"mean auroc {cycles.start}..{cycles.stop - 1}":
+                         round(auroc(out, name, cycles)[0], 3)})
     return pd.DataFrame(rows)
 
 
@@ -52,24 +69,197 @@ def _qc_summary(folder: Path) -> dict:
     return json.loads((folder / "qc_summary.json").read_text())
 
 
-def per_type_detection(folder: Path, scenario_csv: Path) -> dict[str, str]:
-    """Eliminated / total per harmful type (and good) in one QC run."""
+def per_type_counts(folder: Path, scenario_csv: Path) -> dict[str, tuple[int, int]]:
+    """(eliminated, total) per harmful type, and for the good images, in one QC run."""
     images = pd.read_csv(folder / "qc_images.csv", dtype={"Subject": str})
-    kinds = pd.read_csv(scenario_csv, dtype={"Subject": str})[["Subject", "HarmfulType"]]
+    kinds = pd.read_csv(scenario_csv, dtype={"Subject": str, "HarmfulType": str})[
+        ["Subject", "HarmfulType"]]
     images = images.merge(kinds, on="Subject", how="left")
     images["kind"] = images.HarmfulType.fillna("").replace("", "good")
-    return {kind: f"{int(g.eliminated.sum())}/{len(g)}" for kind, g in images.groupby("kind")}
+    return {kind: (int(g.eliminated.sum()), len(g)) for kind, g in images.groupby("kind")}
 
 
-def detection_row(folder: Path, scenario_csv: Path) -> dict:
-    d = _qc_summary(folder)["detection"]
-    return {"harmful eliminated": f"{d['harmful_eliminated']}/{d['harmful']}",
-            "good eliminated": f"{d['good_eliminated']}/{d['good']}",
-            "harmful flagged": f"{round(d['flagged_tpr'] * d['harmful'])}/{d['harmful']}",
-            "harmful pending": d["harmful_pending"], "good pending": d["good_pending"],
-            "centers identified": f"{d['centers_identified']}/{d['centers_with_harmful']}",
-            "per type": ", ".join(f"{k} {v}" for k, v in
-                                  per_type_detection(folder, scenario_csv).items())}
+def mean_seconds(folder: Path, cycles: range) -> float | None:
+    """A run's mean wall seconds per cycle over `cycles` (None where it was not timed)."""
+    seconds = cycle_seconds(folder)
+    known = [seconds[c] for c in cycles if c in seconds]
+    return float(np.mean(known)) if known else None
+
+
+def _share(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def qc_result(stages, scenario: str, criterion: str, clean: float,
+              training_seconds: float | None) -> dict:
+    """One QC run's figures: detection (eliminated, pending, flagged = eliminated + pending),
+    test AUROC against clean, and its seconds per cycle against a training cycle."""
+    c = stages.config
+    folder = stages.qc_dir(scenario, criterion)
+    qc = _qc_summary(folder)
+    d = qc["detection"]
+    mean, last = auroc(stages.out, f"qc_{scenario}_{criterion}", finding_cycles(c))
+    seconds = mean_seconds(folder, range(c.pretrain, c.cycles))
+    result = {"criterion": criterion, "params": qc.get("criterion"),
+              "auroc": mean, "auroc_last": last, "auroc_minus_clean": mean - clean,
+              "harmful": d["harmful"], "good": d["good"]}
+    for kind in ("harmful", "good"):
+        eliminated, pending = d[f"{kind}_eliminated"], d[f"{kind}_pending"]
+        result.update({f"{kind}_eliminated": _share(eliminated, d[kind]),
+                       f"{kind}_pending": _share(pending, d[kind]),
+                       f"{kind}_flagged": _share(eliminated + pending, d[kind])})
+    result["harmful_flagged_ever"] = d["flagged_tpr"]
+    result["per_type_eliminated"] = {
+        k: _share(*v) for k, v in per_type_counts(folder, stages.scenario_csv(scenario)).items()}
+    result["qc_seconds_per_cycle"] = seconds
+    result["qc_to_training"] = _ratio(seconds, training_seconds)
+    return result
+
+
+def scenario_result(stages, letter: str, scenario: Scenario, clean: float) -> dict:
+    """A scenario's no-QC run and each criterion's QC run."""
+    c = stages.config
+    no_qc = stages.no_qc_run(letter)
+    mean, last = auroc(stages.out, no_qc, finding_cycles(c))
+    training = mean_seconds(stages.runs()[no_qc][0], range(c.pretrain, c.cycles))
+    return {"scenario": letter, "title": scenario.title, "no_qc_run": no_qc,
+            "no_qc_auroc": mean, "no_qc_auroc_last": last,
+            "training_seconds_per_cycle": training,
+            "qc": [qc_result(stages, letter, k, clean, training) for k in c.criteria]}
+
+
+def summary(stages, scenarios: dict[str, Scenario]) -> dict:
+    """summary.json: the clean run's AUROC; per harmful type its dirty AUROC; per scenario
+    its no-QC AUROC and each criterion's result. AUROCs: the mean over `finding_cycles`."""
+    out, c = stages.out, stages.config
+    cycles = finding_cycles(c)
+    clean, clean_last = auroc(out, "clean", cycles)
+    result = {"finding_cycles": [cycles.start, cycles.stop - 1],
+              "criteria": list(c.criteria), "stage_seconds": stages.seconds,
+              "clean_auroc": clean, "clean_auroc_last": clean_last,
+              "per_type": {}, "scenarios": {}}
+    for t in c.types:
+        dirty, dirty_last = auroc(out, stages.type_run(t), cycles)
+        result["per_type"][t] = {"dirty_auroc": dirty, "dirty_auroc_last": dirty_last}
+    for s, scenario in scenarios.items():
+        result["scenarios"][scenario.key] = scenario_result(stages, s, scenario, clean)
+    return result
+
+
+# --- the findings: one statement per criterion, each against its bars --------------------
+
+def _shown(flag: bool) -> str:
+    return "shown" if flag else "not shown"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _caught(r: dict, kind: str) -> str:
+    """'E% eliminated (+ P% pending = F% flagged)' of the harmful or good images."""
+    return (f"{_pct(r[f'{kind}_eliminated'])} eliminated (+ {_pct(r[f'{kind}_pending'])} "
+            f"pending = {_pct(r[f'{kind}_flagged'])} flagged)")
+
+
+def _cost(r: dict) -> str:
+    seconds, ratio = r.get("qc_seconds_per_cycle"), r.get("qc_to_training")
+    if seconds is None:
+        return "QC cycle not timed"
+    return f"QC {seconds:.0f} s per cycle" + (f", {ratio:.1f}x a training cycle"
+                                              if ratio is not None else "")
+
+
+def _finding(label: str, claim: str, shown: bool, detail: str) -> str:
+    """'LABEL CLAIM: **shown** (DETAIL).' """
+    return f"{label} {claim}: **{_shown(shown)}** ({detail})."
+
+
+def harm_finding(result: dict) -> str:
+    """Finding 1: whole harmful centers lower the test AUROC by at least HARM_DROP."""
+    clean = result["clean_auroc"]
+    whole, single = (result["scenarios"][k] for k in ("whole_centers", "single_images"))
+    drop = clean - whole["no_qc_auroc"]
+    per_type = ", ".join(f"{t} {v['dirty_auroc']:.3f}" for t, v in result["per_type"].items())
+    return _finding("1.", "Harmful data degrades the travelling model", drop >= HARM_DROP,
+                    f"test AUROC: clean {clean:.3f}, whole harmful centers (no QC) "
+                    f"{whole['no_qc_auroc']:.3f}, drop {drop:+.3f}, bar {HARM_DROP}; single "
+                    f"harmful images {single['no_qc_auroc']:.3f}; per type, whole centers of "
+                    f"only that type: {per_type}")
+
+
+def repair_finding(r: dict, clean: float) -> str:
+    """Finding 2 for one criterion: QC of whole harmful centers brings the model back."""
+    ok = (r["harmful_eliminated"] >= CAUGHT and r["good_eliminated"] <= SPARED
+          and abs(r["auroc_minus_clean"]) <= CLEAN_MARGIN)
+    return _finding(f"2. `{r['criterion']}`:", "quality control brings the model back to "
+                    "clean", ok, f"bars: >= {CAUGHT:.0%} harmful and <= {SPARED:.0%} good "
+                    f"eliminated, AUROC within {CLEAN_MARGIN} of clean {clean:.3f}; whole "
+                    f"centers: harmful {_caught(r, 'harmful')}, good {_caught(r, 'good')}, "
+                    f"AUROC {r['auroc']:.3f}")
+
+
+def whole_vs_single_finding(whole: dict, single: dict) -> str:
+    """Finding 3 for one criterion: whole centers' images are found more than single images,
+    eliminated and flagged (eliminated + pending) alike."""
+    more = all(whole[k] > single[k] for k in ("harmful_eliminated", "harmful_flagged"))
+    return _finding(f"3. `{whole['criterion']}`:", "whole harmful centers are found more "
+                    "reliably than single harmful images", more, f"whole centers "
+                    f"{_caught(whole, 'harmful')}; single images {_caught(single, 'harmful')}")
+
+
+def clean_cost_finding(r: dict, no_qc: float) -> str:
+    """Scenario C for one criterion: what QC costs when no image is harmful."""
+    ok = r["good_eliminated"] <= SPARED_CLEAN and abs(r["auroc"] - no_qc) <= CLEAN_MARGIN
+    return _finding(f"4. `{r['criterion']}`:", "on clean data quality control costs little", ok,
+                    f"bars: <= {SPARED_CLEAN:.0%} good eliminated, AUROC within "
+                    f"{CLEAN_MARGIN} of the no-QC run {no_qc:.3f}; good {_caught(r, 'good')}, "
+                    f"AUROC {r['auroc']:.3f}; {_cost(r)}")
+
+
+def findings(result: dict) -> list[str]:
+    """Finding 1, then findings 2 to 4 for each criterion the demo ran, in its order."""
+    scenarios = result["scenarios"]
+    whole, single = scenarios["whole_centers"], scenarios["single_images"]
+    lines = [harm_finding(result)]
+    lines += [repair_finding(r, result["clean_auroc"]) for r in whole["qc"]]
+    lines += [whole_vs_single_finding(w, s) for w, s in zip(whole["qc"], single["qc"])]
+    if "clean" in scenarios:
+        lines += [clean_cost_finding(r, scenarios["clean"]["no_qc_auroc"])
+                  for r in scenarios["clean"]["qc"]]
+    return lines
+
+
+# --- tables, plots and the README ---------------------------------------------------------
+
+def _count(share: float | None, total: int) -> str:
+    return f"{round((share or 0) * total)}/{total}"
+
+
+def detection_row(r: dict) -> dict:
+    """One row of detection.csv from a `qc_result`: counts of n images."""
+    row = {"criterion": r["criterion"]}
+    for kind in ("harmful", "good"):
+        for what in ("eliminated", "pending", "flagged"):
+            row[f"{kind} {what}"] = _count(r[f"{kind}_{what}"], r[kind])
+    row["harmful flagged at least once"] = _count(r["harmful_flagged_ever"], r["harmful"])
+    row["per type eliminated"] = ", ".join(f"{k} {v:.0%}" for k, v in
+                                           r["per_type_eliminated"].items() if v is not None)
+    row["QC s per cycle"] = (None if r["qc_seconds_per_cycle"] is None
+                             else round(r["qc_seconds_per_cycle"], 1))
+    row["x training cycle"] = (None if r["qc_to_training"] is None
+                               else round(r["qc_to_training"], 2))
+    return row
+
+
+def detection_table(result: dict) -> pd.DataFrame:
+    """Per scenario and criterion: eliminated, pending and flagged images, and QC's time."""
+    return pd.DataFrame([{"scenario": s["title"], **detection_row(r)}
+                         for s in result["scenarios"].values() for r in s["qc"]])
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -96,94 +286,27 @@ def montage(out: Path, report: Path, types: tuple[str, ...]) -> Path:
     return plot_montage(panels, report / "harmful_types.png")
 
 
-def _fraction(text: str) -> float:
-    done, total = (int(v) for v in text.split("/"))
-    return done / total if total else math.nan
+def write_plots(stages, scenarios: dict[str, Scenario], report: Path) -> None:
+    """Per scenario the test metrics of its runs, per QC run its log; the harmful types;
+    the detectability figure."""
+    out, c = Path(stages.out), stages.config
+    for s, scenario in scenarios.items():
+        no_qc = stages.no_qc_run(s)
+        runs = {"clean": _metrics(out, "clean"),
+                **({} if no_qc == "clean" else {f"dirty {s}": _metrics(out, no_qc)}),
+                **{f"QC {s} {k}": _metrics(out, f"qc_{s}_{k}") for k in c.criteria}}
+        plot_runs(runs, report / f"test_metrics_{s}.png")
+        for k in c.criteria:
+            qc = stages.qc_dir(s, k)
+            plot_qc_log(pd.read_csv(qc / "qc.csv", keep_default_na=False),
+                        pd.read_csv(qc / "qc_images.csv"), report / f"qc_log_{s}_{k}.png",
+                        title=f"QC log, scenario {s} ({scenario.title}), criterion {k}")
+    montage(out, report, c.types)
+    write_bytes(report / "detectability.png",
+                (stages.detectability / "detectability.png").read_bytes())
 
 
-def summary(stages, scenarios: dict[str, str]) -> dict:
-    """summary.json: clean AUROC; per scenario the dirty AUROC and each criterion's result."""
-    out, c = stages.out, stages.config
-    first = c.pretrain
-    clean, clean_mean = _auroc(out, "clean", first)
-    result = {"clean_auroc": clean, "clean_auroc_mean": clean_mean,
-              "auroc_cycles": [first, c.cycles - 1],
-              "per_type": {}, "scenarios": {}}
-    for t in c.types:
-        dirty, dirty_mean = _auroc(out, stages.type_run(t), first)
-        result["per_type"][t] = {"dirty_auroc": dirty, "dirty_auroc_mean": dirty_mean}
-    for s in scenarios:
-        dirty, dirty_mean = _auroc(out, f"dirty_{s}", first)
-        qc = []
-        for criterion in c.criteria:
-            folder = stages.run_dir("qc", f"{s}_{criterion}")
-            d = _qc_summary(folder)["detection"]
-            auroc, auroc_mean = _auroc(out, f"qc_{s}_{criterion}", first)
-            qc.append({"criterion": criterion, "params": _qc_summary(folder).get("criterion"),
-                       "auroc": auroc, "auroc_mean": auroc_mean,
-                       "harmful_eliminated": d["elimination_tpr"],
-                       "good_eliminated": d["elimination_fpr"],
-                       "harmful_flagged": d["flagged_tpr"],
-                       "per_type_eliminated": {
-                           k: _fraction(v) for k, v in
-                           per_type_detection(folder, stages.scenario_csv(s)).items()}})
-        result["scenarios"][_key(scenarios[s])] = {"dirty_auroc": dirty,
-                                                   "dirty_auroc_mean": dirty_mean, "qc": qc}
-    return result
-
-
-def _key(title: str) -> str:
-    return title.replace("harmful ", "").replace(" ", "_")  # whole_centers, single_images
-
-
-def _best(qc: list[dict], clean: float) -> dict:
-    """The criterion that meets most of the bars, then catches most, then spares most."""
-    def score(r: dict) -> tuple:
-        bars = (r["harmful_eliminated"] >= CAUGHT, r["good_eliminated"] <= SPARED,
-                abs(r["auroc"] - clean) <= CLEAN_MARGIN)
-        return sum(bars), r["harmful_eliminated"] - r["good_eliminated"]
-    return max(qc, key=score)
-
-
-def findings(result: dict) -> list[str]:
-    """One line per finding of the paper: shown or not, with its numbers."""
-    clean = result["clean_auroc"]
-    whole, single = (result["scenarios"][k] for k in ("whole_centers", "single_images"))
-    drop = clean - whole["dirty_auroc"]
-    per_type = ", ".join(f"{t} {v['dirty_auroc']:.3f}" for t, v in result["per_type"].items())
-    lines = [
-        f"1. Harmful data degrades the travelling model: **{_shown(drop >= HARM_DROP)}**. "
-        f"Test AUROC at the last cycle: clean {clean:.3f}, dirty (whole harmful centers) "
-        f"{whole['dirty_auroc']:.3f} (drop {drop:+.3f}; bar {HARM_DROP}); single harmful "
-        f"images {single['dirty_auroc']:.3f}; per type, whole centers of only that type: "
-        f"{per_type}."]
-    best = _best(whole["qc"], clean)
-    ok = (best["harmful_eliminated"] >= CAUGHT and best["good_eliminated"] <= SPARED
-          and abs(best["auroc"] - clean) <= CLEAN_MARGIN)
-    rules = "; ".join(f"{r['criterion']}: harmful {r['harmful_eliminated']:.0%} / good "
-                      f"{r['good_eliminated']:.0%} eliminated, AUROC {r['auroc']:.3f}"
-                      for r in whole["qc"])
-    lines.append(
-        f"2. Quality control brings the model back to clean: **{_shown(ok)}** (best: "
-        f"`{best['criterion']}`; bars: >= {CAUGHT:.0%} harmful and <= {SPARED:.0%} good "
-        f"eliminated, AUROC within {CLEAN_MARGIN} of clean {clean:.3f}). Whole centers, {rules}.")
-    single_best = next(r for r in single["qc"] if r["criterion"] == best["criterion"])
-    more = best["harmful_eliminated"] > single_best["harmful_eliminated"]
-    lines.append(
-        f"3. Whole harmful centers are found more reliably than single harmful images: "
-        f"**{_shown(more)}** (`{best['criterion']}`: {best['harmful_eliminated']:.0%} of the "
-        f"whole centers' images eliminated against {single_best['harmful_eliminated']:.0%} of "
-        f"the single images; the paper's rule: "
-        f"{whole['qc'][0]['harmful_eliminated']:.0%} against "
-        f"{single['qc'][0]['harmful_eliminated']:.0%}).")
-    return lines
-
-
-def _shown(flag: bool) -> str:
-    return "shown" if flag else "not shown"
-
-
-def qc_pages(stages, scenarios: dict[str, str], report: Path) -> list[str]:
+def qc_pages(stages, scenarios: dict[str, Scenario], report: Path) -> list[str]:
     """A link to every QC run's own page (NAME_report.html), and where a browser is found
     a screenshot of scenario A's pages (report/qc_page_A_CRITERION.png)."""
     from dqc.browser import screenshot
@@ -205,69 +328,49 @@ def qc_pages(stages, scenarios: dict[str, str], report: Path) -> list[str]:
     return lines
 
 
-def _copy(source: Path, target: Path) -> None:
-    write_bytes(target, source.read_bytes())
-
-
-def write_report(stages, scenarios: dict[str, str]) -> Path:
-    """OUT/report/README.md, summary.json, tables and PNGs; returns the README's path."""
-    out, c = Path(stages.out), stages.config
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
-    names = list(stages.runs())
-    results = results_table(out, names, c.pretrain)
-    detection = pd.DataFrame(
-        [{"scenario": scenarios[s], "criterion": k,
-          **detection_row(stages.run_dir("qc", f"{s}_{k}"), stages.scenario_csv(s))}
-         for s in scenarios for k in c.criteria])
-    for s, title in scenarios.items():
-        runs = {"clean": _metrics(out, "clean"), f"dirty {s}": _metrics(out, f"dirty_{s}"),
-                **{f"QC {s} {k}": _metrics(out, f"qc_{s}_{k}") for k in c.criteria}}
-        plot_runs(runs, report / f"test_metrics_{s}.png")
-        for k in c.criteria:
-            qc = stages.run_dir("qc", f"{s}_{k}")
-            plot_qc_log(pd.read_csv(qc / "qc.csv", keep_default_na=False),
-                        pd.read_csv(qc / "qc_images.csv"), report / f"qc_log_{s}_{k}.png",
-                        title=f"QC log, scenario {s} ({title}), criterion {k}")
-    montage(out, report, c.types)
-    det = stages.detectability
-    _copy(det / "detectability.png", report / "detectability.png")
-    write_csv(report / "results.csv", results)
-    write_csv(report / "detection.csv", detection)
-    result = summary(stages, scenarios)
-    write_json(report / "summary.json", result)
-    instrument = (det / "detectability.md").read_text().split("\n", 1)[1].strip()
-    settings = {k: str(v) for k, v in asdict(c).items()}
-    lines = [
+def markdown(stages, scenarios: dict[str, Scenario], result: dict, results: pd.DataFrame,
+             detection: pd.DataFrame, pages: list[str]) -> str:
+    """The report's README.md; `pages`: the links to each QC run's page (`qc_pages`)."""
+    c = stages.config
+    first, last = result["finding_cycles"]
+    instrument = (stages.detectability / "detectability.md").read_text().split("\n", 1)[1]
+    return "\n".join([
         "# Decentralized quality control: demo report",
         "",
         "Souza et al. 2025 (npj Digital Medicine, doi:10.1038/s41746-025-01499-0), reproduced "
         "on the embedded synthetic multi-center cohort (built from the MNI152 template).",
         "",
-        "## The three findings",
+        "## The findings",
+        "",
+        f"Criteria run (fixed before the run, each at its default settings): "
+        f"{', '.join(f'`{k}`' for k in c.criteria)}; each finding is stated for each. Test "
+        f"AUROC: the mean over cycles {first}..{last} (the last {c.finding_cycles}). Flagged "
+        "= eliminated + pending.",
         "",
         *findings(result),
         "",
         "## Test-set metrics",
         "",
-        "Clean: trained on good data only. dirty_TYPE: whole harmful centers of that type "
-        "only, no checks (scenario A stands for its type when it is of one type). dirty_A / dirty_B: scenario A (whole harmful centers) and B (single "
-        "harmful images), no checks. qc_S_CRITERION: the same data with quality control. "
-        "Held-out test set (not the QC validation set); the last cycle, and the mean AUROC "
-        "over the continued cycles (one cycle's AUROC swings by a few points).",
+        "Clean: trained on good data only (scenario C's no-QC run). dirty_TYPE: whole harmful "
+        "centers of that type only, no checks (scenario A stands for its type when it is of "
+        "one type). dirty_A / dirty_B: scenario A (whole harmful centers) and B (single "
+        "harmful images), no checks. qc_S_CRITERION: the same data with quality control (C: "
+        "the clean data). Held-out test set (not the QC validation set); the last cycle, and "
+        f"the mean AUROC over cycles {first}..{last}.",
         "",
         _markdown(results),
         "",
         "## Detection of harmful images",
         "",
         "Eliminated: harmful twice, R cycles apart. Pending: flagged in the last R cycles, not "
-        "yet revisited. Flagged: harmful at least once.",
+        "yet revisited. Flagged: eliminated + pending. QC s per cycle: the QC run's mean wall "
+        "seconds per cycle, and against a cycle of the scenario's no-QC run.",
         "",
         _markdown(detection),
         "",
         "## Detectability of single updates (the pre-trained model)",
         "",
-        instrument,
+        instrument.strip(),
         "",
         "![detectability](detectability.png)",
         "",
@@ -276,7 +379,7 @@ def write_report(stages, scenarios: dict[str, str]) -> Path:
         "The images each run eliminated or holds for a retry, with their middle slices, "
         "per center, and the check of every update (one self-contained HTML file per run):",
         "",
-        *qc_pages(stages, scenarios, report),
+        *pages,
         "",
         "## Plots",
         "",
@@ -288,11 +391,26 @@ def write_report(stages, scenarios: dict[str, str]) -> Path:
         "## Settings and timing",
         "",
         "```",
-        *[f"{k} = {v}" for k, v in settings.items()],
-        *[f"{k}: {v:.0f} s" for k, v in stages.seconds.items()],
+        *[f"{k} = {v}" for k, v in asdict(c).items()],
+        *[f"{k}: {v:.0f} s" for k, v in result["stage_seconds"].items()],
         "```",
         "",
-    ]
+    ])
+
+
+def write_report(stages, scenarios: dict[str, Scenario]) -> Path:
+    """OUT/report/README.md, summary.json, tables and PNGs; returns the README's path."""
+    report = Path(stages.out) / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    result = summary(stages, scenarios)
+    results = results_table(Path(stages.out), list(stages.runs()),
+                            finding_cycles(stages.config))
+    detection = detection_table(result)
+    write_plots(stages, scenarios, report)
+    write_csv(report / "results.csv", results)
+    write_csv(report / "detection.csv", detection)
+    write_json(report / "summary.json", result)
     path = report / "README.md"
-    write_text(path, "\n".join(lines))
+    pages = qc_pages(stages, scenarios, report)
+    write_text(path, markdown(stages, scenarios, result, results, detection, pages))
     return path
