@@ -23,7 +23,8 @@ Modules, one job each:
 - `authors`: the authors' Keras 2 `.h5` model files in (converted to our layout) and out.
 - `export`: `python -m dqc.export --authors`: our models in the authors' `.h5` layout.
 - `travel`: the travelling loop, written once: cycles, centers, local epochs, batches.
-- `qc`: the harm criteria and the verification / revisit / elimination policy (pure numpy).
+- `criteria`: the harm criteria, one class each (parameters, needs, self-set thresholds).
+- `qc`: the verification / revisit / elimination policy and its calibration (pure numpy).
 - `qc_report`: what a QC run writes and prints: log, per-image table, summary.
 - `qc_page`: NAME_report.html, the QC run's self-contained page (and each center's own).
 - `runs`: the paper's three runs (standard, dirty baseline, quality control) from the pieces.

@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dqc.criteria import (LOG_COLUMNS, MIN_WINDOW, PRETRAINING_WINDOW,  # noqa: F401
-                          TOLERANCE, Criterion, Rates, Verdict, make_criterion,
-                          per_image_tolerance_problems, rates_verdict)
+                          TOLERANCE, Criterion, Rates, Verdict, per_image_tolerance_problems,
+                          rates_verdict)  # LOG_COLUMNS, TOLERANCE, per_image_...: re-exported
 from dqc.errors import DQCError
 
 #: Keras clips predicted probabilities to [eps, 1 - eps] in binary cross-entropy.

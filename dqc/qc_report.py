@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dqc.criteria import Criterion, Rates
 from dqc.io import write_csv, write_json
-from dqc.qc import Criterion, QualityControl, Rates
+from dqc.qc import QualityControl
 
 IMAGE_COLUMNS = ["Subject", "Study", "times_flagged", "first_flagged_cycle", "revisit_cycle",
                  "eliminated", "eliminated_cycle", "status"]

@@ -22,8 +22,9 @@ from dqc.authors import AuthorsPair
 from dqc.data import image_shape, load_table, require_both_classes, row_source
 from dqc.errors import DQCError
 from dqc.model import Architecture, build_models, input_shape
-from dqc.qc import (Criterion, Evaluation, QCState, QualityControl, describe_calibration,
-                    evaluate_predictions, make_criterion)
+from dqc.criteria import Criterion, make_criterion
+from dqc.qc import (Evaluation, QCState, QualityControl, describe_calibration,
+                    evaluate_predictions)
 from dqc.runtime import setup_runtime
 from dqc.trainer import LR_SCHEDULES, Trainer, cycle_learning_rate, predict_subjects
 from dqc.travel import CycleStats, Step, centers_of, local_step, travel_cycle

@@ -126,29 +126,38 @@ def test_each_run_names_its_backend_device_and_precision(qc_runs, name):
 
 #: A decision is asserted only where the statistic is this many times its limit (or the limit
 #: this many times the statistic): each backend draws its own dropout masks from the same seed,
-#: so a batch's own training loss differs between them by up to ~10% (measured: C04's batch
+#: so an update's own training loss differs between them by up to ~10% (measured: C04's batch
 #: 4.00 nats under TensorFlow, 4.42 under JAX), and convolutions round differently per CPU.
 MARGIN = 2.0
 
 
-def _batch_rows(log: pd.DataFrame) -> pd.DataFrame:
-    """The regular pass's batches: the same sequence under both backends (the batches of one
-    cycle depend on the seed only), whatever extra single-image rows a near call adds."""
-    batches = log[log.Subject == "batch"].reset_index(drop=True)
-    return batches.assign(ratio=batches.STATISTIC.astype(float) / batches.LIMIT.astype(float))
+def _keyed(log: pd.DataFrame) -> pd.DataFrame:
+    """The updates of a log, each keyed by cycle, center, subject ("batch" or the image) and
+    its occurrence, with statistic / limit: the regular pass's batches come in the same
+    sequence in every run (the batches of one cycle depend on the seed only); a near call
+    adds single-image rows of its own, which then have no partner."""
+    rows = log[log.Subject != "n/a"].copy()
+    rows["n"] = rows.groupby(["Cycle", "Study", "Subject"]).cumcount()
+    rows["ratio"] = (pd.to_numeric(rows.STATISTIC, errors="coerce")
+                     / pd.to_numeric(rows.LIMIT, errors="coerce"))
+    return rows.set_index(["Cycle", "Study", "Subject", "n"])
 
 
 def clear_decisions_agree(tf: pd.DataFrame, jx: pd.DataFrame) -> list[str]:
     """Where either run's statistic is MARGIN times beyond or within its limit, both runs
     decided the same; what differs is returned (empty when they agree)."""
-    a, b = _batch_rows(tf), _batch_rows(jx)
-    if list(a.Study) != list(b.Study):
-        return [f"batch sequences differ: {list(a.Study)} vs {list(b.Study)}"]
-    clear = (a.ratio > MARGIN) | (a.ratio < 1 / MARGIN) | (b.ratio > MARGIN) | (b.ratio < 1 / MARGIN)
-    differ = clear & (a.Ignored != b.Ignored)
-    return [f"batch {i} at {a.Study[i]}: tensorflow Ignored={a.Ignored[i]} (statistic/limit "
-            f"{a.ratio[i]:.2f}), other Ignored={b.Ignored[i]} ({b.ratio[i]:.2f})"
-            for i in differ[differ].index]
+    a, b = _keyed(tf), _keyed(jx)
+    batches = [list(x[x.index.get_level_values("Subject") == "batch"].index.get_level_values(
+        "Study")) for x in (a, b)]
+    if batches[0] != batches[1]:
+        return [f"batch sequences differ: {batches[0]} vs {batches[1]}"]
+    both = a.add_suffix("_a").join(b.add_suffix("_b"), how="inner")
+    far = lambda r: (r > MARGIN) | (r < 1 / MARGIN)  # noqa: E731
+    differ = both[(far(both.ratio_a) | far(both.ratio_b)) & (both.Ignored_a != both.Ignored_b)]
+    return [f"{subject} at {study} (cycle {cycle}): tensorflow Ignored={int(r.Ignored_a)} "
+            f"(statistic/limit {r.ratio_a:.2f}), other Ignored={int(r.Ignored_b)} "
+            f"({r.ratio_b:.2f})"
+            for (cycle, study, subject, _), r in differ.iterrows()]
 
 
 @pytest.mark.jax
@@ -156,23 +165,21 @@ def clear_decisions_agree(tf: pd.DataFrame, jx: pd.DataFrame) -> list[str]:
 @pytest.mark.parametrize("other", OTHERS)
 def test_same_decisions_where_the_case_leaves_a_margin(qc_runs, other):
     """C04's labels are flipped: its batch's own loss is far beyond the limit in every run,
-    so each undoes it, retries its four images alone and flags each. Clean batches far
-    below the limit are kept by all; a clean batch near the limit may go either way, and
-    then adds five single-image rows of its own (so logs are not compared row for row)."""
+    so each undoes it and retries its four images alone. Clean batches far below the limit
+    are kept by all. A clean batch near the limit may go either way (and then adds five
+    single-image rows of its own), and so may one image alone, judged against the single
+    images' own window (its own loss is near ln 2 whatever the image: BatchNorm over one
+    image); so logs are not compared row for row, and no image's fate is asserted."""
     tf, jx = qc_runs["tensorflow"], qc_runs[other]
     assert clear_decisions_agree(tf["log"], jx["log"]) == []
     for run in (tf, jx):
-        batches = _batch_rows(run["log"])
+        updates = _keyed(run["log"]).reset_index()
+        batches = updates[updates.Subject == "batch"]
         c04 = batches[batches.Study == "C04"]
         assert len(c04) == 1 and c04.Ignored.iloc[0] == 1 and c04.ratio.iloc[0] > MARGIN
         assert (batches[batches.Study != "C04"].ratio < 1 / MARGIN).sum() >= 2
-        images = run["images"].set_index("Subject")
-        harmful = images[images.Study == "C04"]
-        assert len(harmful) == 4 and (harmful.times_flagged == 1).all()
-    # the same C04 images flagged, in the same cycle, waiting for the same revisit
-    c04_tf = tf["images"][tf["images"].Study == "C04"].reset_index(drop=True)
-    c04_jx = jx["images"][jx["images"].Study == "C04"].reset_index(drop=True)
-    pd.testing.assert_frame_equal(c04_jx, c04_tf)
+        alone = updates[(updates.Study == "C04") & (updates.Subject != "batch")]
+        assert sorted(alone.Subject) == sorted(run["images"].Subject[run["images"].Study == "C04"])
 
 
 @pytest.mark.jax
@@ -199,19 +206,28 @@ def test_figures_differ_only_as_far_as_floats_and_dropout_draws_allow(qc_runs, o
 
 
 def test_the_margin_check_catches_a_clear_disagreement_and_forgives_a_near_call():
-    """The cross-backend check on crafted logs (the figures of a measured run: C04's batch
-    18x its limit, C02's 0.8x, the others under 0.2x)."""
-    def log(ignored: list[int], ratios: list[float]) -> pd.DataFrame:
-        studies = ["C01", "C01", "C02", "C03", "C04"]
-        return pd.DataFrame({"Subject": ["n/a"] + ["batch"] * 5, "Study": ["n/a"] + studies,
-                             "Ignored": [0] + ignored, "STATISTIC": [float("nan")] + ratios,
-                             "LIMIT": [float("nan")] + [1.0] * 5})
-    tf = log([0, 0, 0, 0, 1], [0.08, 0.19, 0.81, 0.15, 17.96])
-    assert clear_decisions_agree(tf, log([0, 0, 0, 0, 1], [0.25, 0.2, 0.72, 0.08, 14.1])) == []
-    assert clear_decisions_agree(tf, log([0, 0, 1, 0, 1], [0.25, 0.2, 1.1, 0.08, 14.1])) == []
+    """The cross-run check on crafted logs (the figures of a measured run: C04's batch 18x its
+    limit, C02's 0.8x, the others under 0.2x; then C04's images alone)."""
+    def log(ignored: list[int], ratios: list[float], alone: dict[str, tuple[int, float]] = {}
+            ) -> pd.DataFrame:
+        studies = ["C01", "C01", "C02", "C03", "C04"] + ["C04"] * len(alone)
+        return pd.DataFrame({"Cycle": [0] + [3] * len(studies),
+                             "Subject": ["n/a"] + ["batch"] * 5 + list(alone),
+                             "Study": ["n/a"] + studies,
+                             "Ignored": [0] + ignored + [i for i, _ in alone.values()],
+                             "STATISTIC": [float("nan")] + ratios + [r for _, r in alone.values()],
+                             "LIMIT": [float("nan")] + [1.0] * len(studies)})
+    tf = log([0, 0, 0, 0, 1], [0.08, 0.19, 0.81, 0.15, 17.96], {"a": (1, 3.0), "b": (0, 0.9)})
+    same = {"a": (1, 2.5), "b": (1, 1.05)}  # b: a near call
+    assert clear_decisions_agree(tf, log([0, 0, 0, 0, 1], [0.25, 0.2, 0.72, 0.08, 14.1], same)) == []
+    assert clear_decisions_agree(tf, log([0, 0, 1, 0, 1], [0.25, 0.2, 1.1, 0.08, 14.1], same)) == []
     kept = clear_decisions_agree(tf, log([0, 0, 0, 0, 0], [0.25, 0.2, 0.72, 0.08, 14.1]))
-    assert kept == ["batch 4 at C04: tensorflow Ignored=1 (statistic/limit 17.96), other "
-                    "Ignored=0 (14.10)"]
+    assert kept == ["batch at C04 (cycle 3): tensorflow Ignored=1 (statistic/limit 17.96), "
+                    "other Ignored=0 (14.10)"]
+    missed = clear_decisions_agree(tf, log([0, 0, 0, 0, 1], [0.25, 0.2, 0.72, 0.08, 14.1],
+                                           {"a": (0, 0.4), "b": (0, 0.9)}))
+    assert missed == ["a at C04 (cycle 3): tensorflow Ignored=1 (statistic/limit 3.00), other "
+                      "Ignored=0 (0.40)"]
     assert len(clear_decisions_agree(tf, log([0, 0, 0, 1, 1], [0.25, 0.2, 0.72, 0.08, 14.1])))
     other_batches = log([0, 0, 0, 0, 1], [0.25, 0.2, 0.72, 0.08, 14.1]).drop(index=2)
     assert clear_decisions_agree(tf, other_batches)[0].startswith("batch sequences differ")
