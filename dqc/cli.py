@@ -76,10 +76,17 @@ class Parser(argparse.ArgumentParser):
                           help="Keras backend (default: KERAS_BACKEND, else the one `make "
                                "setup GPU=1` chose, else tensorflow); the start line on stderr "
                                "names it with the device and precision")
-        # read by `run_main` too (before TensorFlow starts)
-        self.add_argument("--verbose", action="store_true",
+        # read by `run_main` (a pre-parse) before TensorFlow starts; a setting of the process,
+        # not of the run, so not in the parsed values (`parse_known_args`)
+        self.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                           help=f"keep TensorFlow's start-up lines on stderr (also "
                                f"{VERBOSE_ENV}=1)")
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse API
+        parsed, extras = super().parse_known_args(args, namespace)
+        if hasattr(parsed, "verbose"):
+            delattr(parsed, "verbose")
+        return parsed, extras
 
     def error(self, message: str):  # noqa: D102 - argparse API
         if self.usage_on_error:

@@ -28,10 +28,11 @@ def test_a_training_run_prints_no_start_up_line(script_runs) -> None:
 
 
 def test_verbose_brings_the_start_up_lines_back(cohort: dict, tmp_path: Path) -> None:
-    env = {**os.environ, "DQC_VERBOSE": "1", "KERAS_BACKEND": "tensorflow"}
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    env.pop("DQC_VERBOSE", None)
     done = subprocess.run([sys.executable, str(SCRIPT), "-fn_train", str(cohort["train"]),
-                           "-cycles", "1", "--out", str(tmp_path), "--quiet"],
+                           "-cycles", "1", "--out", str(tmp_path), "--quiet", "--verbose"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert _noise(done.stderr), done.stderr
@@ -53,7 +54,8 @@ def _fake_tensorflow(folder: Path) -> None:
     """))
 
 
-def _import_fake(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
+def _import_fake(folder: Path, argv: list[str], verbose_env: str | None = None
+                 ) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(folder)!r})
@@ -64,6 +66,7 @@ def _import_fake(folder: Path, argv: list[str]) -> subprocess.CompletedProcess:
               file=sys.stderr)
     """)
     env = {k: v for k, v in os.environ.items() if k != "DQC_VERBOSE"}
+    env.update({} if verbose_env is None else {"DQC_VERBOSE": verbose_env})
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=60)
 
@@ -75,5 +78,6 @@ def test_only_the_start_up_lines_are_dropped(tmp_path: Path) -> None:
     # the module's own line is passed on, in order; the module keeps its real loader
     assert quiet.stderr.splitlines() == ["a real problem the user must see",
                                          "imported True SourceFileLoader"]
-    loud = _import_fake(tmp_path, ["--verbose"])
-    assert len(_noise(loud.stderr)) == 2 and "a real problem" in loud.stderr
+    for loud in (_import_fake(tmp_path, ["--verbose"]), _import_fake(tmp_path, [], "1")):
+        assert len(_noise(loud.stderr)) == 2 and "a real problem" in loud.stderr
+    assert _noise(_import_fake(tmp_path, [], "0").stderr) == []
