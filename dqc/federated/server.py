@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -431,7 +430,9 @@ def server_app(config: dict | None = None, outcome: dict | None = None) -> Serve
         except DQCError as exc:
             sink["error"] = str(exc)
             if outcome is None:  # deployed: say it in the run's log, fail the run
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-                raise SystemExit(2) from None
+                # stdout: what `flwr run --stream` relays; an Exception, not SystemExit, so
+                # that Flower marks the run failed and uploads its log (SystemExit skips both)
+                print(f"error: {exc}", flush=True)
+                raise RuntimeError(f"error: {exc}") from None
 
     return app
