@@ -26,7 +26,7 @@ import pandas as pd
 from dqc import qc_report
 from dqc.io import write_text
 from dqc.plots import mosaic_png, png_bytes, qc_log_figure, qc_statistic_figure
-from dqc.criteria import FLAGS, Criterion
+from dqc.criteria import FLAGS, Criterion, make_criterion
 
 if TYPE_CHECKING:
     from dqc.qc import QualityControl
@@ -344,7 +344,7 @@ def center_payload(policy: "QualityControl", train: pd.DataFrame, center: str, c
         return [{k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v))
                  for k, v in row.items()} for row in frame.to_dict("records")]
     return {"name": name, "center": center, "cycle": cycle, "planned": list(planned),
-            "criterion": policy.criterion.params(), "settings": page_settings,
+            "criterion": policy.criterion.parameters(), "settings": page_settings,
             "images": records(mine), "log": records(log[log.Study == center])}
 
 
@@ -353,7 +353,7 @@ def write_center_page(folder: str | Path, payload: dict, paths: dict[str, str],
     """FOLDER/NAME_report_CENTER.html: the center's own flagged images with their mosaics,
     from the server's `center_payload` and the node's own image paths."""
     params = dict(payload["criterion"])
-    criterion = Criterion(params.pop("name"), **params)
+    criterion = make_criterion(params.pop("name"), **params)
     images = pd.DataFrame(payload["images"], columns=qc_report.IMAGE_COLUMNS
                           + (["Harmful"] if payload["images"] and "Harmful" in
                              payload["images"][0] else []))

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from dqc.browser import dump_dom, find_browser, screenshot
-from dqc.qc import Criterion
+from dqc.criteria import make_criterion
 from dqc.qc_page import SECTIONS, statistics
 
 CYCLES = 5  # cycles 3..4 after the pre-trained 0..2
@@ -111,7 +111,7 @@ def test_the_paper_rules_statistic_is_the_rise_over_the_last_accepted_update():
                         "Study": ["n/a", "C1", "C1", "C1", "C2"],
                         "PFP": [0.1, 0.1, 0.1, 0.25, 0.2], "PFN": [0.2, 0.5, 0.2, 0.2, 0.2],
                         "Ignored": [0, 1, 0, 1, 0]})
-    out = statistics(log, Criterion("rates", error=0.02))
+    out = statistics(log, make_criterion("rates", error=0.02))
     assert math.isnan(out.STATISTIC[0])
     np.testing.assert_allclose(out.STATISTIC[1:], [0.3, 0.0, 0.15, 0.1])
     np.testing.assert_allclose(out.LIMIT[[2, 3]], [0.02, 0.02])

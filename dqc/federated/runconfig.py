@@ -31,7 +31,7 @@ REQUIRED = {"en": str, "pd": str, "cycles": int, "min-nodes": int}
 RUN_DEFAULTS = {"fn-test": "", "start-cycle": defaults.START_CYCLE, "fn-save": "qc",
                 "out": ".", "seed": defaults.SEED, "batch-size": defaults.BATCH_SIZE,
                 "lr-schedule": defaults.LR_SCHEDULE, "resume": False,
-                "eval-batch-size": defaults.EVAL_BATCH_SIZE, "quiet": False}
+                "eval-batch-size": defaults.EVAL_BATCH_SIZE, "quiet": False, "no-report": False}
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -57,7 +57,7 @@ def _qc_defaults() -> dict[str, Any]:
     from dqc.runs import QCSpec
 
     return {f.name.replace("_", "-"): f.default for f in fields(QCSpec)
-            if f.default is not MISSING and f.name not in ("name", "error")}
+            if f.default is not MISSING and f.name not in ("name", "error", "report")}
 
 
 def _criterion_keys() -> dict[str, type]:
@@ -116,7 +116,7 @@ def specs_from_config(config: dict):
                    batch_size=v["batch-size"], encoder=v["en"], classifier=v["pd"],
                    resume=v["resume"], eval_batch_size=v["eval-batch-size"],
                    verbose=not v["quiet"], lr_schedule=v["lr-schedule"])
-    qspec = QCSpec(val_csv=v["fn-test"], name=v["fn-save"],
+    qspec = QCSpec(val_csv=v["fn-test"], name=v["fn-save"], report=not v["no-report"],
                    params={k: v[k] for k in _criterion_keys() if k in v},
                    **{k.replace("-", "_"): v[k] for k in _qc_defaults()})
     return spec, qspec
