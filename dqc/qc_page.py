@@ -359,9 +359,9 @@ def write_center_page(folder: str | Path, payload: dict, paths: dict[str, str],
                              payload["images"][0] else []))
     for column in ("first_flagged_cycle", "revisit_cycle", "eliminated_cycle"):
         images[column] = images[column].astype("Int64")
-    log = pd.DataFrame(payload["log"],
-                       columns=criterion.log_columns() + ["STATISTIC", "LIMIT"]
-                       if criterion.name == "rates" else criterion.log_columns())
+    columns = list(criterion.log_columns())  # the paper's log lacks them: the server adds them
+    columns += [c for c in ("STATISTIC", "LIMIT") if c not in columns]
+    log = pd.DataFrame(payload["log"], columns=columns)
     center = payload["center"]
     data = PageData(f"Quality control at center {center}: {payload['name']}", log, images,
                     payload["settings"], criterion, tuple(payload["planned"]), labels,

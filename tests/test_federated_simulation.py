@@ -226,7 +226,9 @@ def test_the_servers_report_has_no_pixels_and_each_node_shows_its_own(federated_
     paths = dict(zip(federated_case["train"].Subject.astype(str), federated_case["train"].Path))
     server = (out / "qc_report.html").read_text()
     shown = images[images.status.isin(["eliminated", "pending"])]
-    assert len(shown) >= 4 and 'class="mosaic"' not in server
+    # C04's images are retried alone; which are flagged is not by construction (module
+    # docstring), so at least one
+    assert len(shown) >= 1 and 'class="mosaic"' not in server
     assert server.count("data:image/png") == 1  # the check figure, no image
     assert set(re.findall(r'data-subject="([^"]+)"', server)) == set(shown.Subject)
     for center, mine in shown.groupby("Study"):
