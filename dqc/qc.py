@@ -39,9 +39,9 @@ class Evaluation:
     acc: float
     fp: int
     fn: int
-    fpr: float
-    fnr: float
-    loss: float = math.nan
+    fpr: float  # FP / HC (the authors': FP / PD, `legacy_rates`)
+    fnr: float  # FN / PD (the authors': FN / HC)
+    loss: float = math.nan  # binary cross-entropy, nats: NaN where only counts travelled
     auroc: float = math.nan
     pred: str = ""
     truth: str = ""
