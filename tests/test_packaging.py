@@ -9,6 +9,7 @@ moves with it. `test_requirements_are_in_step` fails when they drift.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,14 @@ def test_every_command_is_declared() -> None:
 
 # --- pip install . into an empty venv ----------------------------------------------------------
 
+def _user_env() -> dict[str, str]:
+    """This process's environment as a user's shell has it: without PYTHONPATH, which Flower's
+    Ray backend sets in its driver process (a simulation test before this one), so that the
+    venv would see this checkout's packages and pip would install none of the dependencies."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
 @pytest.fixture(scope="session")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty venv with `pip install .` of this checkout: the package built from its
@@ -113,18 +122,20 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT / "dqc", source / "dqc",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=_user_env())
     done = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                           str(source)], capture_output=True, text=True, timeout=1500)
+                           str(source)], capture_output=True, text=True, timeout=1500,
+                          env=_user_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return venv / "bin"
 
 
 def _command(bin_dir: Path, name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(bin_dir / name), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=_user_env())
 
 
+@pytest.mark.install
 def test_installed_commands_show_their_flags(installed: Path, tmp_path: Path) -> None:
     for name in COMMANDS:
         done = _command(installed, name, "--help", cwd=tmp_path)
@@ -137,10 +148,12 @@ def test_installed_commands_show_their_flags(installed: Path, tmp_path: Path) ->
         assert done.stdout.startswith("usage: ") and "--backend" in done.stdout, name
     # the package ran from the venv, not from this checkout
     where = subprocess.run([str(installed / "python"), "-c", "import dqc; print(dqc.__file__)"],
-                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+                           cwd=tmp_path, capture_output=True, text=True, check=True,
+                           env=_user_env()).stdout
     assert Path(where.strip()).is_relative_to(installed.parent)
 
 
+@pytest.mark.install
 def test_installed_commands_run_standard_qc_inference(installed: Path, tmp_path: Path) -> None:
     """The tiny cohort, one pre-training cycle, one QC cycle, inference, by the commands."""
     steps = [
