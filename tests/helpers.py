@@ -138,12 +138,25 @@ SUBPROCESS_BAD_CASES = ("corrupt_image",)
 
 # --- QC outputs --------------------------------------------------------------------------------
 
+#: The log's validation figures: computed from scores predicted in other batches when the
+#: centers verify (each its own share), so they agree to float rounding, not bit for bit,
+#: wherever a kernel's rounding depends on the batch (TensorFlow without oneDNN: 4e-9 nats
+#: measured); every decision and count is compared exactly.
+FIGURES = ["VAL_LOSS", "VAL_AUROC"]
+
+
 def assert_same_qc_outputs(expected: Path, actual: Path, last_cycle: int) -> pd.DataFrame:
-    """Log, per-image table, summary, models and optimizer state are identical; the log."""
+    """Decisions, counts, per-image table, summary, models and optimizer state are
+    identical, the validation figures equal to 1e-6 (`FIGURES`); returns the log."""
     import keras
 
     log = pd.read_csv(expected / "qc.csv", keep_default_na=False)
-    pd.testing.assert_frame_equal(pd.read_csv(actual / "qc.csv", keep_default_na=False), log)
+    other = pd.read_csv(actual / "qc.csv", keep_default_na=False)
+    figures = [c for c in FIGURES if c in log.columns]
+    pd.testing.assert_frame_equal(other.drop(columns=figures), log.drop(columns=figures))
+    for column in figures:
+        np.testing.assert_allclose(pd.to_numeric(other[column]), pd.to_numeric(log[column]),
+                                   rtol=1e-6, atol=0, err_msg=column)
     pd.testing.assert_frame_equal(pd.read_csv(actual / "qc_images.csv"),
                                   pd.read_csv(expected / "qc_images.csv"))
     summaries = [json.loads((d / "qc_summary.json").read_text()) for d in (actual, expected)]
