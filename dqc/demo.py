@@ -418,7 +418,7 @@ def config_from_args(args) -> DemoConfig:
 def check_config(config: DemoConfig) -> None:
     """One-line errors for settings the demo cannot run with."""
     from dqc.harmful import check_types
-    from dqc.qc import CRITERIA
+    from dqc.criteria import CRITERIA
 
     check_types(config.types)
     check_types(config.whole_types)

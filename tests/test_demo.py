@@ -202,3 +202,12 @@ def test_findings_for_each_criterion_no_best_of(crafted):
         # clean data: 3 good images flagged but 2 of 42 (4.8%) eliminated: over the 2% bar
         f"4. `{PAPER}`": True, f"4. `{RECOMMENDED}`": False}
     assert "9/10" not in lines[2] and "90% eliminated (+ 10% pending = 100% flagged)" in lines[2]
+
+
+def test_the_command_line_gives_the_rules_fixed_in_code(tmp_path: Path):
+    """`python -m dqc.demo` reads its flags into a checked config: the paper's rule and the
+    recommended criterion, at their defaults, whatever else is set."""
+    from dqc.demo import config_from_args, parse_args
+
+    config = config_from_args(parse_args(["--out", str(tmp_path), "--quick"]))
+    assert config.criteria == RULES and config.out == tmp_path
