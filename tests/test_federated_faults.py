@@ -237,11 +237,41 @@ def after_cycle_3(federated_case: dict, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def resumed_after_cycle_3(federated_case: dict, after_cycle_3: Path,
+                          tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`--resume` from cycle 3's files with every node honest: what a faulty run resumes to
+    once its node is mended, since the faulty run leaves exactly these files (each fault's
+    test asserts that, byte for byte)."""
+    from dqc.federated.__main__ import parse_args
+    from dqc.federated.simulate import simulate
+
+    out = tmp_path_factory.mktemp("resumed") / "out"
+    shutil.copytree(after_cycle_3, out)
+    simulate(parse_args(_argv(federated_case, out, "--resume")), engine="inprocess")
+    return out
+
+
+def test_resume_after_cycle_3_gives_the_uninterrupted_runs_outputs(
+        federated_case: dict, resumed_after_cycle_3: Path):
+    assert_same_qc_outputs(federated_case["single"](CYCLES, *FLAGS), resumed_after_cycle_3,
+                           last_cycle=CYCLES - 1)
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 def test_a_faulty_node_stops_the_run_in_one_line_and_resume_finishes_it(
-        federated_case: dict, after_cycle_3: Path, fault: str, capsys, tmp_path: Path):
+        federated_case: dict, after_cycle_3: Path, resumed_after_cycle_3: Path, fault: str,
+        capsys, tmp_path: Path):
     """In process (`dqc.federated.inprocess`: the same server and node code, no Ray start),
-    continuing an honest run after cycle 3 to cycle 4, where the fault comes."""
+    continuing an honest run after cycle 3 to cycle 4, where the fault comes. The faulty run
+    leaves cycle 3's files exactly as they were, so `--resume` with the node mended is the
+    resume of `resumed_after_cycle_3` (the uninterrupted run's outputs); the first fault's
+    test makes that resume here too."""
     from dqc.cli import run_main
     from dqc.federated.__main__ import parse_args
     from dqc.federated.simulate import simulate
@@ -255,14 +285,15 @@ def test_a_faulty_node_stops_the_run_in_one_line_and_resume_finishes_it(
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert stopped.value.code == 2 and len(errors) == 1 and "Traceback" not in err
     assert "center C02" in errors[0] and FAULTS[fault][2] in errors[0], errors[0]
-    # the last complete cycle's files intact, nothing of cycle 4
+    # the last complete cycle's files intact, byte for byte, and nothing of cycle 4
     assert (out / "qc_encoder_003.keras").is_file()
     assert not (out / "qc_encoder_004.keras").exists()
     assert set(pd.read_csv(out / "qc.csv").Cycle) == {0, 3}
-    assert (out / "qc.csv").read_bytes() == (after_cycle_3 / "qc.csv").read_bytes()
+    assert _files(out) == _files(after_cycle_3)
 
-    simulate(parse_args(argv), engine="inprocess")  # the node mended
-    assert_same_qc_outputs(federated_case["single"](CYCLES, *FLAGS), out, last_cycle=CYCLES - 1)
+    if fault == next(iter(FAULTS)):  # the node mended: one resume shows it for every fault
+        simulate(parse_args(argv), engine="inprocess")
+        assert_same_qc_outputs(resumed_after_cycle_3, out, last_cycle=CYCLES - 1)
 
 
 def test_exclude_leaves_the_faulty_center_out_and_the_run_finishes(

@@ -120,3 +120,21 @@ def test_verify_messages_carry_a_tally_and_nothing_else():
     assert (back.n_hc, back.n_pd, back.fp, back.fn) == (2, 2, 1, 1) and back.hc_scores is None
     scores = read_tally(verify_reply(tally(y, s, "scores")), (2, 2), "scores")
     assert list(scores.hc_scores) == pytest.approx([0.2, 0.7]) and scores.pred == ""
+
+
+def test_a_node_process_keeps_only_its_last_arrays():
+    """HeldArrays: a process serving 83 simulated centers keeps a few states, not 83 centers'
+    worth; the least recently used goes first, and one that is read again stays."""
+    from dqc.federated.node import HeldArrays
+
+    held = HeldArrays(4)
+    arrays = {k: np.full(3, i, np.float32) for i, k in enumerate("abcdef")}
+    for k in "abcd":
+        held.put(k, arrays[k])
+    assert held.get("a") is arrays["a"]          # read: now the most recent
+    held.put("e", arrays["e"])                    # drops b, the least recently used
+    held.put("f", arrays["f"])                    # drops c
+    assert [k for k in "abcdef" if held.get(k) is not None] == ["a", "d", "e", "f"]
+    assert len(held) == 4 and held.get("b") is None
+    with pytest.raises(ValueError, match="at least 4"):
+        HeldArrays(3)

@@ -3,8 +3,9 @@ verification of an update on its own validation images.
 
 Every step starts from the state the server names, so the server can undo an update by
 simply not adopting the reply. The node keeps state of its own: its images, its compiled
-model, and the last model states it was sent and sent back (a cache: the server may then
-send a digest instead of the state; a node without the named state says so). The images
+model, and (per process: `held_arrays`) the last model states it was sent and sent back (a
+cache: the server may then send a digest instead of the state; a node without the named state
+says so). The images
 and their paths stay here; the node answers only with ids, label counts, model states and
 its validation images' tally (counts, and what the QC criterion needs). It refuses ids it
 does not hold.
@@ -13,6 +14,7 @@ does not hold.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,10 +60,6 @@ class CenterNode:
         self._val_store = VolumeStore(self.val, self.shape, verbose=False) \
             if self.val is not None else None
         self._val_x = None
-        self._held: dict[str, np.ndarray] = {}
-        # "verified" / "produced": (digest, packed model) of the last model verified here and
-        # of the last one trained here, which the next verification names by digest only
-        self._models: dict[str, tuple[str, np.ndarray]] = {}
 
     def identity(self, truth: bool = False) -> Identity:
         """Who this center is; its ground truth (`Harmful`) only when `truth` is asked for."""
@@ -88,9 +86,10 @@ class CenterNode:
         None, the held state named `key`); the new packed state and its digest, the loss
         and accuracy, and the digest of the new model part (kept for the verification).
 
-        The node keeps its last input and output states: a cache that spares sending the
-        state back to the node that produced it (the next batch at the same center) or that
-        was just sent it (a retry after an undo). The server stays the authority.
+        The process keeps the last input and output states (`held_arrays`): a cache that
+        spares sending the state back to the node that produced it (the next batch at the
+        same center) or that was just sent it (a retry after an undo). The server stays the
+        authority.
         """
         unknown = [i for i in ids if i not in self.ids]
         if unknown:
@@ -98,8 +97,9 @@ class CenterNode:
                            f"{', '.join(unknown[:5])}: refused")
         if not ids:
             raise DQCError(f"center {self.center}: empty batch refused")
+        held = held_arrays()
         if state is None:
-            state = self._held.get(key)
+            state = held.get(key)
             if state is None:
                 raise StateMissing(f"center {self.center} does not hold state {key}")
         trainer, store = self.ready()
@@ -107,10 +107,11 @@ class CenterNode:
         loss, acc = trainer.train_step(store.batch(ids), store.y(ids))
         out = pack(trainer.state_arrays())
         out_key = digest(out)
-        self._held = {key: state, out_key: out}
         model = pack(trainer.model_arrays())
         model_key = digest(model)
-        self._models["produced"] = (model_key, model)
+        held.put(key, state)
+        held.put(out_key, out)
+        held.put(model_key, model)  # the verification round names it by digest only
         return out, out_key, loss, acc, model_key
 
     def _load(self, trainer, arrays: np.ndarray, model_only: bool) -> None:
@@ -128,14 +129,15 @@ class CenterNode:
             raise DQCError(f"center {self.center} holds no validation images")
         if detail not in DETAILS:
             raise DQCError(f"center {self.center}: unknown detail {detail!r} refused")
+        held = held_arrays()
         if model is None:
-            model = next((m for k, m in self._models.values() if k == key), None)
+            model = held.get(key)
             if model is None:
                 raise StateMissing(f"center {self.center} does not hold model {key}")
         trainer, _ = self.ready()
         self._load(trainer, model, model_only=True)
         scores = trainer.predict(self._val_x)
-        self._models["verified"] = (key, model)
+        held.put(key, model)
         return tally(self.val.Group_bin.to_numpy(), scores, detail)
 
     def report(self, payload: dict, folder: str | Path | None) -> None:
@@ -180,6 +182,50 @@ def node_report_dir(context: Context, nodes_dir: str | None = None) -> str | Non
     """Where the node writes its own report page: `report-dir` from its node config, else,
     in simulation, NODES_DIR (beside its CSVs); None: no page."""
     return str(context.node_config.get("report-dir", "")) or nodes_dir
+
+
+class HeldArrays:
+    """The last `limit` packed states and models a process was sent or produced, by digest
+    (least recently used first out).
+
+    One per process, shared by the centers it serves: a deployed node holds its own last
+    input and output states and models; a simulation actor that serves 83 centers holds the
+    same few, not 83 centers' worth (each state of the paper's model is 35 MB). A request
+    naming an array that was dropped is answered "missing", and the server sends it whole.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 4:
+            raise ValueError("HeldArrays keeps at least 4 arrays: a step's input and output "
+                             "states, its model and the last model verified")
+        self.limit = limit
+        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        array = self._arrays.get(key)
+        if array is not None:
+            self._arrays.move_to_end(key)
+        return array
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        self._arrays[key] = array
+        self._arrays.move_to_end(key)
+        while len(self._arrays) > self.limit:
+            self._arrays.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+
+#: Arrays a node process keeps by digest (`HeldArrays`): for the paper's model at most
+#: 6 x 35.4 MB (a state with Adam's moments; a model alone is 11.8 MB).
+HELD_ARRAYS = 6
+
+
+@functools.lru_cache(maxsize=1)
+def held_arrays() -> HeldArrays:
+    """The process's `HeldArrays`, shared by every center it serves."""
+    return HeldArrays(HELD_ARRAYS)
 
 
 @functools.lru_cache(maxsize=2)
