@@ -19,6 +19,10 @@ GPU_PACKAGES = $(shell sed -e 's/\#.*//' requirements-gpu.txt)
 JAX_TEST_ENV := KERAS_BACKEND=jax JAX_COMPILATION_CACHE_DIR=$(abspath $(VENV))/jax-cache \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 
+# make test on every core: the tests that share an expensive fixture run in one worker, the
+# longest groups first (tests/conftest.py); XDIST= runs it in one process.
+XDIST ?= -n auto --dist loadgroup --no-loadscope-reorder
+
 .PHONY: setup gpu-check test test-deploy test-install demo study bench clean
 
 setup: $(if $(GPU),gpu-check $(STAMP) $(GPU_STAMP),$(STAMP))
@@ -45,9 +49,9 @@ $(GPU_STAMP): requirements-gpu.txt $(STAMP)
 # decisions with TensorFlow's oneDNN optimisations off: other convolution kernels round
 # differently, as another CPU's would, so an assert that holds only by float luck fails here.
 test: setup
-	$(PY) -m pytest -q
-	$(JAX_TEST_ENV) $(PY) -m pytest -q -m jax
-	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m decisions
+	$(PY) -m pytest -q $(XDIST)
+	$(JAX_TEST_ENV) $(PY) -m pytest -q $(XDIST) -m jax
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q $(XDIST) -m decisions
 
 # The whole Flower deployment on loopback (SuperLink + SuperNodes, TLS, node auth): ~3 min.
 # pip install . into an empty venv (2.2 GB of wheels: minutes), then every installed command's

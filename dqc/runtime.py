@@ -106,6 +106,12 @@ def quiet_start(verbose: bool) -> None:
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_import()
+
+
+def quiet_tensorflow_import() -> None:
+    """TensorFlow's first import in this process with its start-up lines left out (and
+    nothing else changed: its later C++ logging, and child processes, keep their level)."""
     if "tensorflow" not in sys.modules and not any(
             isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())

@@ -4,6 +4,10 @@ The standard script is slow to start (TensorFlow import, ~7 s of CPU), so every 
 the tests need is submitted at once, the first time any test asks for `script_runs`, and runs
 in the background while the in-process tests work. Tests that use `script_runs` are moved to
 the end of the session so that the other tests overlap with the subprocesses.
+
+`make test` runs the suite on every core (pytest-xdist, `-n auto --dist loadgroup`): the
+tests that share an expensive session fixture form one group (one worker builds it once),
+every other test file is a group of its own, and the groups that take longest go first.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from dqc.cohort import build_cohort
-from dqc.data import array_to_image
-from helpers import (QC_SCRIPT, ROOT, SCRIPT, SCRIPT_DIR, SUBPROCESS_BAD_CASES, TINY, BadCase,
-                     ScriptRuns, pretrained)
+from dqc.runtime import quiet_tensorflow_import
+
+quiet_tensorflow_import()  # its start-up lines would reach the terminal under xdist
+
+from dqc.cohort import build_cohort  # noqa: E402  (TensorFlow, quiet in a worker)
+from dqc.data import array_to_image  # noqa: E402
+from helpers import (QC_SCRIPT, ROOT, SCRIPT, SCRIPT_DIR, SUBPROCESS_BAD_CASES,  # noqa: E402
+                     TINY, BadCase, ScriptRuns, pretrained)
 
 
 # --- the cohort ------------------------------------------------------------------------------
@@ -248,6 +256,24 @@ def script_runs(cohort: dict, bad_cases: dict[str, BadCase],
     runs.close()
 
 
+#: Session fixtures that take long to build: the tests using one run in one xdist worker.
+SHARED_FIXTURES = ("federated_case", "pretrained_one", "script_runs")
+#: The longest groups (pytest --durations, summed per group), started first; then the rest
+#: in collection order.
+LONGEST_FIRST = ("federated_case", "test_demo", "pretrained_one", "test_authors_models",
+                 "test_qc_criteria", "test_inference", "script_runs", "test_bad_input")
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The group an item runs in under `--dist loadgroup` (module docstring)."""
+    names = getattr(item, "fixturenames", ())
+    return next((f for f in SHARED_FIXTURES if f in names), item.path.stem)
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "jax: also run under KERAS_BACKEND=jax (make test's "
                             "second command: pytest -m jax)")
@@ -258,7 +284,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the tests that wait on script subprocesses last, and start those early."""
+    """Run the tests that wait on script subprocesses last, and start those early; in an
+    xdist worker, order the groups longest first instead (a worker starts the script runs
+    when it comes to their group)."""
+    if hasattr(config, "workerinput"):
+        rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(xdist_group(item), len(rank)))
+        return
     waits = [item for item in items if "script_runs" in getattr(item, "fixturenames", ())]
     if waits:
         rest = [item for item in items if item not in waits]

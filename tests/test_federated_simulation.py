@@ -205,7 +205,9 @@ def test_a_silent_node_stops_the_run_and_resume_finishes_it(federated_case: dict
     assert (out / "qc_encoder_003.keras").is_file() and not (out / "qc_encoder_004.keras").exists()
     assert set(pd.read_csv(out / "qc.csv").Cycle) == {0, 3}  # the log of the last whole cycle
 
-    simulate(parse_args([*argv, "--resume"]))
+    # the resume in process (`dqc.federated.inprocess`: the same server and node code, no
+    # second Ray start), from the files the Ray run left
+    simulate(parse_args([*argv, "--resume"]), engine="inprocess")
     single = federated_case["single"](CYCLES, *COMBINED)
     log = assert_same_qc_outputs(single, out, last_cycle=CYCLES - 1)
     assert log.VAL_LOSS.replace("", float("nan")).astype(float).notna().sum() >= 9
