@@ -317,42 +317,94 @@ class QualityControl:
 
     def calibrate(self, batch_size: int, seed: int,
                   pretraining: Sequence[float] = ()) -> dict:
-        """Fill each window the criterion decides by before its first decision (cold start).
+        """Fill the window of the regular pass's updates (batches of `batch_size`) before the
+        first decision (cold start).
 
         The window of batches' own training losses starts from the pre-training's last
-        cycle (`pretraining`, whose updates were all kept) when it is given; every other
+        cycle (`pretraining`, whose updates were all kept) when it is given; any other
         window, or one left short, gets calibration steps: a random (seeded) center's batch,
-        or a random single training image, trained and judged as the run would, then undone
-        exactly. Returns (and keeps in the state) the cost: steps, evaluations, seconds."""
-        start, evaluations = time.perf_counter(), self.evaluations
-        rng = np.random.default_rng([seed, CALIBRATION_STREAM])
-        centers: dict[str, list[str]] = {}
-        for subject, record in self.state.images.items():
-            centers.setdefault(record.study, []).append(subject)
-        steps, sources = 0, {}
-        for n in sorted({max(batch_size, 1), 1}, reverse=True):
-            key = self.criterion.window_key(n)
-            if key is None or key in sources:
-                continue
+        trained and judged as the run would, then undone exactly. The single-image window
+        (batches of several images) is calibrated later, in each cycle that judges a single
+        image (`image_window`). Returns (and keeps in the state) the cost: steps,
+        evaluations, seconds."""
+        self.state.calibration = {"steps": 0, "evaluations": 0, "seconds": 0.0,
+                                  "windows": {}, "batch_size": max(batch_size, 1),
+                                  "seed": seed}
+        n = max(batch_size, 1)
+        key = self.criterion.window_key(n)
+        if key is not None:
             window: list[float] = []
             if key == PRETRAINING_WINDOW:
                 for value in pretraining:
                     window = self.criterion.remember(window, float(value))
-            sources[key] = {"pre-training": len(window), "calibration": 0}
-            while len(window) < MIN_WINDOW and sources[key]["calibration"] < 3 * MIN_WINDOW:
-                center, ids = _draw(centers, n, rng)
-                check = self._check(center, ids, window)
-                self.restore(check.before)
-                steps += 1
-                sources[key]["calibration"] += 1
-                if check.nonfinite:
-                    self._warn_nonfinite(check, center, ids, "calibration step left out")
-                window = self.criterion.remember(window, check.verdict.statistic)
-            self.state.windows[key] = window
-        self.state.calibration = {"steps": steps, "evaluations": self.evaluations - evaluations,
-                                  "seconds": round(time.perf_counter() - start, 3),
-                                  "windows": sources}
+            rng = np.random.default_rng([seed, CALIBRATION_STREAM])
+            self.state.windows[key] = self._fill(key, window, len(window),
+                                                 lambda: _draw(self._centers(), n, rng))
         return self.state.calibration
+
+    def _centers(self) -> dict[str, list[str]]:
+        centers: dict[str, list[str]] = {}
+        for subject, record in self.state.images.items():
+            if record.eliminated_cycle is None:
+                centers.setdefault(record.study, []).append(subject)
+        return centers
+
+    def _fill(self, key: str, window: list[float], pretrained: int,
+              draw: Callable[[], tuple[str, list[str]] | None]) -> list[float]:
+        """Calibration steps until `window` holds MIN_WINDOW statistics (at most 3 x
+        MIN_WINDOW tries): each `draw()` update (None: that try found none) trained, judged
+        and undone; its cost added to the state's calibration."""
+        start, evaluations = time.perf_counter(), self.evaluations
+        cost = self.state.calibration
+        source = cost["windows"].setdefault(key, {"pre-training": pretrained, "calibration": 0})
+        tries = 0
+        while len(window) < MIN_WINDOW and tries < 3 * MIN_WINDOW:
+            tries += 1
+            drawn = draw()
+            if drawn is None:
+                continue
+            center, ids = drawn
+            check = self._check(center, ids, window)
+            self.restore(check.before)
+            cost["steps"] += 1
+            source["calibration"] += 1
+            if check.nonfinite:
+                self._warn_nonfinite(check, center, ids, "calibration step left out")
+            window = self.criterion.remember(window, check.verdict.statistic)
+        cost["evaluations"] += self.evaluations - evaluations
+        cost["seconds"] = round(cost["seconds"] + time.perf_counter() - start, 3)
+        return window
+
+    def image_window(self) -> list[float]:
+        """The window a single image is judged against.
+
+        Where batches hold several images, a single image is only ever judged as a suspect
+        (retried alone from a flagged batch, or revisited), so a suspect's statistic never
+        enters a window (were it harmful and accepted, it would raise the bar for the next
+        ones). The window is calibrated afresh in each cycle that judges a single image, at
+        that cycle's learning rate and model: single-image steps on a random image of each
+        calibration batch that the criterion accepts (each step undone; seeded by the run's
+        seed and the cycle)."""
+        key = self.criterion.window_key(1)
+        cost = self.state.calibration
+        if key is None or cost.get("batch_size", 1) == 1:
+            return self.state.windows.get(key, []) if key else []
+        if cost.get("image_cycle") != self.cycle:
+            n = cost["batch_size"]
+            batch_key = self.criterion.window_key(n)
+            rng = np.random.default_rng([cost["seed"], CALIBRATION_STREAM, self.cycle])
+
+            def draw() -> tuple[str, list[str]] | None:
+                center, ids = _draw(self._centers(), n, rng)
+                check = self._check(center, ids, self.state.windows.get(batch_key, []))
+                self.restore(check.before)
+                cost["steps"] += 1
+                if check.verdict.harmful:
+                    return None
+                return center, [ids[int(rng.integers(len(ids)))]]
+            self.state.windows[key] = self._fill(key, [], 0, draw)
+            cost["image_cycle"] = self.cycle
+        return self.state.windows[key]
 
     def start_cycle(self, cycle: int) -> None:
         """A new cycle begins: its number goes into the log rows and the revisit schedule."""
@@ -401,11 +453,16 @@ class QualityControl:
             verdict = Verdict(True, verdict.statistic, verdict.limit)
         return Check(before, loss, acc, ev, verdict, bad)
 
-    def _try(self, center: str, ids: list[str], subject: str) -> tuple[bool, float, float]:
-        """Check, log; undo if harmful. Returns (harmful, loss, acc)."""
+    def _try(self, center: str, ids: list[str], subject: str,
+             suspect: bool = False) -> tuple[bool, float, float]:
+        """Check, log; undo if harmful. Returns (harmful, loss, acc). A `suspect` (one image
+        retried from a flagged batch, or revisited) is judged against `image_window` and
+        its statistic enters no window."""
         n = len(ids)
         key = self.criterion.window_key(n)
-        check = self._check(center, ids, self.state.windows.get(key, []) if key else [])
+        window = self.image_window() if suspect else \
+            (self.state.windows.get(key, []) if key else [])
+        check = self._check(center, ids, window)
         if self.criterion.holds_out_momentum(n) and not check.verdict.harmful:
             self.restore(check.before)  # keep the ordinary step, with its momentum
             loss, acc = self.train(center, ids)
@@ -416,10 +473,16 @@ class QualityControl:
             check = Check(check.before, loss, acc, ev, verdict, bad)
         if check.nonfinite:
             self._warn_nonfinite(check, center, ids, "flagged and undone")
-        self._log(subject, center, check.ev, check.verdict, train_loss=check.loss, n_images=n)
+        self._log(subject, center, check.ev, check.verdict, train_loss=check.loss,
+                  n_images=0 if suspect and self._suspects_apart() else n)
         if check.verdict.harmful:
             self.restore(check.before)
         return check.verdict.harmful, check.loss, check.acc
+
+    def _suspects_apart(self) -> bool:
+        """Suspects stay out of the windows where batches hold several images (with one
+        image per batch every update is a single image: the regular pass's window)."""
+        return self.state.calibration.get("batch_size", 1) > 1
 
     def _flag(self, subject: str) -> ImageRecord:
         record = self.state.images[subject]
@@ -436,7 +499,7 @@ class QualityControl:
         self.on_event(f"cycle {self.cycle}: batch of {len(ids)} at {center} flagged; "
                       "checking its images one by one")
         for subject in ids:
-            if self._try(center, [subject], subject)[0]:
+            if self._try(center, [subject], subject, suspect=True)[0]:
                 record = self._flag(subject)
                 record.revisit_cycle = self.cycle + self.revisit
                 self.state.schedule.setdefault(record.revisit_cycle, []).append(subject)
@@ -448,7 +511,7 @@ class QualityControl:
         """Images scheduled for this cycle train alone once more; harmful again: eliminated."""
         for subject in self.state.schedule.pop(self.cycle, []):
             record = self.state.images[subject]
-            if self._try(record.study, [subject], subject)[0]:
+            if self._try(record.study, [subject], subject, suspect=True)[0]:
                 self._flag(subject)
                 record.eliminated_cycle = self.cycle
                 self.on_event(f"cycle {self.cycle}: {subject} ({record.study}) harmful again; "

@@ -149,15 +149,18 @@ def test_continues_one_cycle_with_their_optimizer(setup: dict, run: str, prefix:
 
 def test_a_self_set_criterion_calibrates_itself_without_a_state_file(setup: dict) -> None:
     """Their files keep no batch losses: the batches' window comes from calibration batches
-    too, each undone; the cost is in the summary and in one stderr line."""
+    at the cold start, each undone; the cost is in the summary and in one stderr line."""
     rc, out, err = setup["results"]["qc_combined"]
     assert rc == 0, err
     summary = json.loads((setup["root"] / "qc_combined" / "qc_summary.json").read_text())
     cost = summary["calibration"]
-    assert cost["windows"] == {"train_loss:batch": {"pre-training": 0, "calibration": 10},
-                               "check_rise:image": {"pre-training": 0, "calibration": 10}}
-    assert cost["steps"] == 20 and cost["evaluations"] == 10
-    assert [x for x in err.splitlines() if x.startswith("calibration: 20 steps")]
+    assert cost["windows"]["train_loss:batch"] == {"pre-training": 0, "calibration": 10}
+    assert [x for x in err.splitlines()
+            if x.startswith("calibration: 10 steps (each undone), 0 evaluations")]
+    # single images' window: only in a cycle that judged one image alone, from its own steps
+    image = cost["windows"].get("check_rise:image")
+    assert image is None or (cost["image_cycle"] == 10 and image["pre-training"] == 0
+                             and 0 < image["calibration"] <= cost["evaluations"])
 
 
 def test_other_architecture_is_one_error_line(setup: dict) -> None:

@@ -159,20 +159,17 @@ def test_network_figures_are_written(simulated: dict):
 
 COMBINED = ("--criterion", "combined", "--window", "10")  # single images verified at centers
 SILENT = 1          # partition of center C02, which holds validation rows
-SILENT_AFTER = 26   # messages C02 answers: whoami, baseline, calibration (10 checks), cycle 3 (~10)
 
 
-def _stalling_files(nodes_dir: Path, calls: Path):
-    """Each node's CSVs, as in `simulate`; C02's node falls silent after SILENT_AFTER
-    messages (it sleeps past the server's timeout; counted in a file: nodes are processes)."""
+def _stalling_files(nodes_dir: Path, armed: Path):
+    """Each node's CSVs, as in `simulate`; C02's node falls silent (it sleeps past the
+    server's timeout) once `armed` exists: cycle 3's checkpoint (nodes are processes; the
+    file is what they share)."""
     def files(context):
         from dqc.federated.node import node_csv
 
-        if int(context.node_config["partition-id"]) == SILENT:
-            with open(calls, "a") as f:
-                f.write(".")
-            if calls.stat().st_size > SILENT_AFTER:
-                time.sleep(20)
+        if int(context.node_config["partition-id"]) == SILENT and armed.exists():
+            time.sleep(20)
         return node_csv(context, str(nodes_dir))
     return files
 
@@ -195,8 +192,8 @@ def test_a_silent_node_stops_the_run_and_resume_finishes_it(federated_case: dict
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stall reaches Ray
     try:
         with pytest.raises(SystemExit) as stopped:
-            run_main(lambda: simulate(parse_args(argv),
-                                      _stalling_files(out / "nodes", tmp_path / "calls")))
+            run_main(lambda: simulate(parse_args(argv), _stalling_files(
+                out / "nodes", out / "qc_encoder_003.keras")))
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

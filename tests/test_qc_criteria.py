@@ -289,9 +289,10 @@ def test_trainloss_windows_hold_accepted_updates_only_batches_and_images_apart()
 
 # --- cold start: the run calibrates itself before its first decision ---------------------------
 
-def test_calibration_seeds_the_windows_and_undoes_every_step():
-    """Batches from the pre-training's saved losses, topped up; single images from steps on
-    random images, each undone; then the very first update is judged against them."""
+def test_calibration_seeds_the_batch_window_and_undoes_every_step():
+    """Batches from the pre-training's saved losses, topped up by calibration batches, each
+    undone; nothing else at the cold start; then the very first update is judged against
+    them."""
     own = {s: 0.1 + i / 1000 for i, s in enumerate("abcdefghijklmnop")} | {"h1": 5.0}
     model = FakeModel({"h1": ({0, 1}, set())}, own)
     trained: list[list[str]] = []
@@ -312,18 +313,59 @@ def test_calibration_seeds_the_windows_and_undoes_every_step():
     assert model.wrong == frozenset({5})
     batch = qc.state.windows["train_loss:batch"]
     assert batch[:6] == pytest.approx(pretraining[:6]) and len(batch) == MIN_WINDOW
-    image = qc.state.windows["train_loss:image"]
-    assert len(image) == MIN_WINDOW
-    assert [len(ids) for ids in trained] == [4] * 4 + [1] * 10
-    assert image == [own[ids[0]] if ids[0] != "h1" else 5.0 for ids in trained[4:]]
-    assert cost == qc.state.calibration and cost["steps"] == 14 and cost["evaluations"] == 0
-    assert cost["windows"] == {"train_loss:batch": {"pre-training": 6, "calibration": 4},
-                               "train_loss:image": {"pre-training": 0, "calibration": 10}}
+    assert batch[6:] == [float(np.mean([own[s] for s in ids])) for ids in trained]
+    assert [len(ids) for ids in trained] == [4] * 4 and "train_loss:image" not in qc.state.windows
+    assert cost == qc.state.calibration and cost["steps"] == 4 and cost["evaluations"] == 0
+    assert cost["windows"] == {"train_loss:batch": {"pre-training": 6, "calibration": 4}}
     assert len(qc.state.log) == 1  # calibration decides nothing and logs nothing
     qc.cycle = 10
-    qc.verify_batch("A", ["h1", "a"])  # the first update is decided, against those windows
+    qc.verify_batch("A", ["h1", "a", "b"])  # the first update is decided, against that window
     first = qc.state.log[1]
     assert first["Ignored"] == 1 and first["LIMIT"] == pytest.approx(robust_limit(batch, 3.0))
+
+
+def test_single_images_are_judged_against_images_of_accepted_batches_calibrated_each_cycle():
+    """A single image is judged only as a suspect (retried from a flagged batch, revisited):
+    its window is calibrated in each cycle that needs one, from one random image of each
+    calibration batch the criterion accepts (a harmful center's batches are refused, so its
+    images never set the bar), each step undone; a suspect's statistic enters no window."""
+    good = {f"g{i:02d}": 0.1 + i / 10000 for i in range(30)}
+    harmful = {f"h{i:02d}": 5.0 for i in range(30)}
+    studies = {s: f"G{int(s[1:]) % 3}" for s in good} | {s: f"H{int(s[1:]) % 3}" for s in harmful}
+    model = FakeModel({}, good | harmful)
+    trained: list[list[str]] = []
+    train = model.train
+
+    def spy(center, ids):
+        trained.append(list(ids))
+        return train(center, ids)
+
+    model.train = spy
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=TrainLoss(z=3.0, window=50), revisit=1, studies=studies)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=0, pretraining=[0.05 + i / 100 for i in range(10)])
+    assert trained == []  # the batch window came whole from the pre-training
+    qc.start_cycle(10)
+    qc.verify_batch("H0", ["h00", "h03", "h06"])  # flagged; each image then retried alone
+    calibration = [ids for ids in trained if len(ids) > 1]
+    singles = [ids[0] for ids in trained if len(ids) == 1]
+    window = qc.state.windows["train_loss:image"]
+    assert len(window) == MIN_WINDOW and all(w < 1 for w in window)  # good images only
+    assert singles[:MIN_WINDOW] and all(s.startswith("g") for s in singles[:MIN_WINDOW])
+    assert any(ids[0].startswith("h") for ids in calibration[1:])  # harmful batches refused
+    assert [r["Ignored"] for r in qc.state.log[1:]] == [1, 1, 1, 1]
+    assert qc.state.windows["train_loss:image"] == window  # the suspects stayed out
+    steps = qc.state.calibration["steps"]
+    assert qc.state.calibration["windows"]["train_loss:image"] == {"pre-training": 0,
+                                                                   "calibration": MIN_WINDOW}
+    qc.verify_batch("H1", ["h01", "h04"])  # the same cycle: no second calibration
+    assert qc.state.calibration["steps"] == steps
+    qc.start_cycle(11)
+    qc.revisit_pass()  # a new cycle's first suspects: calibrated again, at this cycle
+    assert qc.state.calibration["steps"] > steps and qc.state.calibration["image_cycle"] == 11
+    assert sorted(qc.eliminated()) == ["h00", "h01", "h03", "h04", "h06"]
+    assert model.wrong == frozenset()
 
 
 def test_calibration_of_held_out_checks_evaluates_each_step_and_restores_it():
@@ -334,10 +376,13 @@ def test_calibration_of_held_out_checks_evaluates_each_step_and_restores_it():
     qc.baseline()
     before = model.snapshot()
     cost = qc.calibrate(batch_size=2, seed=0, pretraining=[0.1] * 12)
+    assert cost["steps"] == 0 and model.evaluations == 1
+    qc.start_cycle(3)
+    checks = qc.image_window()
     assert model.snapshot() == before and model.evaluations == 1 + 10
-    assert cost["evaluations"] == 10 and cost["steps"] == 10
-    # each check: the candidate's own effect, no momentum drift
-    checks = qc.state.windows["check_rise:image"]
+    # each calibration: a batch (judged by its own loss, kept by the window) and one of its
+    # images' check step with the momentum held out: the candidate's own effect, no drift
+    assert cost["evaluations"] == 10 and cost["steps"] == 20
     assert len(checks) == 10 and all(any(c == pytest.approx(0.001 * i) for i in range(8))
                                      for c in checks)
     assert qc.state.windows["train_loss:batch"] == [0.1] * 12
@@ -347,8 +392,10 @@ def test_the_paper_rule_needs_no_calibration():
     model = FakeModel({})
     qc = policy(model, Rates(0.02), "ab")
     assert qc.calibrate(batch_size=5, seed=0, pretraining=[0.1] * 20) == \
-        {"steps": 0, "evaluations": 0, "seconds": pytest.approx(0, abs=0.1), "windows": {}}
-    assert qc.state.windows == {}
+        {"steps": 0, "evaluations": 0, "seconds": 0.0, "windows": {}, "batch_size": 5,
+         "seed": 0}
+    qc.verify_batch("A", ["a", "b"])
+    assert qc.state.windows == {} and qc.image_window() == []
 
 
 # --- non-finite is never harmless ----------------------------------------------------------------
@@ -529,7 +576,8 @@ def test_script_log_columns_per_criterion(federated_case, capsys):
                                             "--criterion", "loss", "--out", str(out)])
     said = [line for line in capsys.readouterr().err.splitlines()
             if line.startswith("calibration: ")]
-    assert len(said) == 1 and said[0].startswith("calibration: 20 steps (each undone), 20 "
+    # the cold start: 10 batches, each evaluated (single images calibrate in their cycle)
+    assert len(said) == 1 and said[0].startswith("calibration: 10 steps (each undone), 10 "
                                                  "evaluations, ")
     log = pd.read_csv(out / "qc.csv")
     assert list(log.columns) == LOG_COLUMNS + CRITERION_COLUMNS
@@ -543,9 +591,13 @@ def test_script_log_columns_per_criterion(federated_case, capsys):
     summary = json.loads((out / "qc_summary.json").read_text())
     assert summary["criterion"] == {"name": "loss", "z": 3.0, "window": 50}
     cost = summary["calibration"]
-    assert cost["steps"] == cost["evaluations"] == 20 and cost["seconds"] > 0
-    assert cost["windows"] == {"val_rise:batch": {"pre-training": 0, "calibration": 10},
-                               "val_rise:image": {"pre-training": 0, "calibration": 10}}
+    assert cost["windows"]["val_rise:batch"] == {"pre-training": 0, "calibration": 10}
+    # single images: calibrated in the cycle that judged one alone (each calibration batch
+    # and each image step evaluated), absent where none was
+    image = cost["windows"].get("val_rise:image")
+    assert (image is not None) == (decided.Subject != "batch").any()
+    assert cost["steps"] == cost["evaluations"] >= 10 + (image or {}).get("calibration", 0)
+    assert cost["seconds"] > 0
 
 
 # --- heldout: the check step without the optimizer's momentum ----------------------------------
@@ -688,8 +740,8 @@ def test_unevaluated_batches_give_the_decisions_of_evaluating_every_update(monke
 # --- the cold start on a real model -------------------------------------------------------------
 
 def test_calibration_on_a_real_model_is_undone_exactly(cohort):
-    """The tiny cohort, an untrained model: ten held-out check steps (one image each) and ten
-    batches, each trained, judged and undone; the weights, BatchNorm statistics, dropout seed
+    """The tiny cohort, an untrained model: ten batches at the cold start, then ten held-out
+    check steps (one image of each calibration batch kept), each trained, judged and undone; the weights, BatchNorm statistics, dropout seed
     and optimizer state afterwards are those before, bit for bit."""
     keras = pytest.importorskip("keras")
     from dqc.data import load_table
@@ -713,9 +765,12 @@ def test_calibration_on_a_real_model_is_undone_exactly(cohort):
     qc.baseline()
     before = trainer.state_arrays()
     cost = qc.calibrate(batch_size=5, seed=0)  # no pre-training losses: batches calibrate too
+    assert cost["steps"] == 10 and cost["evaluations"] == 0
+    qc.start_cycle(1)
+    qc.image_window()  # as the cycle's first suspect would: batches, and one image of each
     after = trainer.state_arrays()
     assert len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
-    assert cost["steps"] == 20 and cost["evaluations"] == 10 and cost["seconds"] > 0
+    assert cost["steps"] >= 30 and cost["evaluations"] == 10 and cost["seconds"] > 0
     batch, image = qc.state.windows["train_loss:batch"], qc.state.windows["check_rise:image"]
     assert len(batch) == len(image) == 10 and all(map(math.isfinite, batch + image))
     assert len(set(image)) > 1  # real check steps on different images moved the loss
@@ -723,7 +778,8 @@ def test_calibration_on_a_real_model_is_undone_exactly(cohort):
 
 def test_resume_keeps_the_windows_and_the_calibration(federated_case, capsys):
     """Cycle 3 alone, then --resume to cycle 4: the windows and the calibration come from the
-    checkpoint (no second calibration), and the outputs are the uninterrupted run's."""
+    checkpoint (no second cold start; cycle 4 calibrates its single images as it would
+    have), and the outputs are the uninterrupted run's."""
     from helpers import QC_SCRIPT, assert_same_qc_outputs
 
     flags = ("--criterion", "combined")
@@ -735,6 +791,9 @@ def test_resume_keeps_the_windows_and_the_calibration(federated_case, capsys):
     first = json.loads((out / "qc_summary.json").read_text())["calibration"]
     main([*federated_case["common"], "-cycles", "5", *flags, "--out", str(out), "--resume"])
     said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("calibration:")]
-    assert len(said) == 1  # the resumed run did not calibrate again
-    assert json.loads((out / "qc_summary.json").read_text())["calibration"] == first
-    assert_same_qc_outputs(whole, out, last_cycle=4)
+    assert len(said) == 1  # the resumed run did not make the cold start again
+    then = json.loads((out / "qc_summary.json").read_text())["calibration"]
+    assert first["image_cycle"] == 3 and then["image_cycle"] == 4  # cycle 4's own images
+    assert then["windows"]["train_loss:batch"] == first["windows"]["train_loss:batch"]
+    assert then["steps"] > first["steps"]
+    assert_same_qc_outputs(whole, out, last_cycle=4)  # the summary's calibration too
