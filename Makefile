@@ -50,8 +50,8 @@ $(GPU_STAMP): requirements-gpu.txt $(STAMP)
 # differently, as another CPU's would, so an assert that holds only by float luck fails here.
 test: setup
 	$(PY) -m pytest -q $(XDIST)
-	$(JAX_TEST_ENV) $(PY) -m pytest -q $(XDIST) -m jax
-	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q $(XDIST) -m decisions
+	$(JAX_TEST_ENV) $(PY) -m pytest -q -m jax
+	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m decisions
 
 # The whole Flower deployment on loopback (SuperLink + SuperNodes, TLS, node auth): ~3 min.
 # pip install . into an empty venv (2.2 GB of wheels: minutes), then every installed command's
