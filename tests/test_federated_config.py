@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from dqc.cli import Parser, add_qc_flags
+from dqc.criteria import CRITERIA
+from dqc.errors import DQCError
 from dqc.federated.loopback import APP_DIR
 from dqc.federated.runconfig import NETWORK_DEFAULTS, config_from_args, server_config
 from dqc.qc import combine, evaluate_predictions, tally
@@ -23,6 +25,8 @@ REQUIRED = {"fn-train", "fn-test", "en", "pd", "cycles", "min-nodes"}  # no defa
 #: The app's own choices, not the method's: where the server writes, and no progress bars in
 #: a log that `flwr run --stream` relays line by line.
 OWN = {"out", "quiet"}
+#: Every criterion's parameters: run-config keys too (dqc.federated.runconfig)
+CRITERION_KEYS = {p for kind in CRITERIA.values() for p in kind.parameter_names()}
 
 
 def _qc_defaults() -> dict:
@@ -41,11 +45,24 @@ def test_the_flower_run_config_has_the_qc_parsers_defaults():
             assert value == NETWORK_DEFAULTS[key], key
         elif key in REQUIRED:
             assert not value, f"{key} must be given, not defaulted"
+        elif key in CRITERION_KEYS:  # declared so that Flower takes an override; "" is unset
+            assert value == "", f"{key}: a criterion parameter takes its criterion's default"
         elif key not in OWN:
             assert key in qc, f"{key} is not a QC flag"
             assert value == qc[key], key
-    missing = set(qc) - set(config) - {"fn-train"}
+    missing = (set(qc) | CRITERION_KEYS) - set(config) - {"fn-train"}
     assert not missing, f"QC flags the Flower app cannot set: {sorted(missing)}"
+
+
+def test_a_criterion_key_left_empty_is_unset_and_one_given_is_checked():
+    from dqc.federated.runconfig import read_config
+
+    base = {"en": "e", "pd": "p", "cycles": 5, "min-nodes": 4, "error": "", "z": "",
+            "alpha": "", "window": ""}
+    assert not CRITERION_KEYS & set(read_config(base))
+    assert read_config({**base, "window": 10})["window"] == 10
+    with pytest.raises(DQCError, match="run config: z must be a number"):
+        read_config({**base, "z": "three"})
 
 
 def test_the_server_holds_no_validation_csv_when_the_centers_verify():

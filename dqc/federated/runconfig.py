@@ -85,6 +85,7 @@ def read_config(config: dict, serving: bool = True) -> dict[str, Any]:
     keys, types, required values (`min-nodes` only when `serving`), choices."""
     known = {**NETWORK_DEFAULTS, **RUN_DEFAULTS, **_qc_defaults()}
     optional = _criterion_keys()
+    config = {k: v for k, v in config.items() if not (k in optional and v == "")}  # unset
     unknown = sorted(set(config) - set(known) - set(REQUIRED) - set(optional))
     if unknown:
         raise DQCError(f"run config: unknown key {unknown[0]!r}")
