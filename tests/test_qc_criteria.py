@@ -289,12 +289,10 @@ def test_trainloss_windows_hold_accepted_updates_only_batches_and_images_apart()
 
 # --- cold start: the run calibrates itself before its first decision ---------------------------
 
-def test_calibration_seeds_the_batch_window_and_undoes_every_step():
-    """Batches from the pre-training's saved losses, topped up by calibration batches, each
-    undone; nothing else at the cold start; then the very first update is judged against
-    them."""
-    own = {s: 0.1 + i / 1000 for i, s in enumerate("abcdefghijklmnop")} | {"h1": 5.0}
-    model = FakeModel({"h1": ({0, 1}, set())}, own)
+def spied_trainloss(model: FakeModel, studies: dict[str, str],
+                    revisit: int) -> tuple[QualityControl, list[list[str]]]:
+    """A `trainloss` policy (z 3, window 50) over `model`, after its baseline, and the list
+    of every update it trains (the ids), in order."""
     trained: list[list[str]] = []
     train = model.train
 
@@ -304,9 +302,19 @@ def test_calibration_seeds_the_batch_window_and_undoes_every_step():
 
     model.train = spy
     qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
-                        criterion=TrainLoss(z=3.0, window=50), revisit=2,
-                        studies={s: "A" for s in own})
+                        criterion=TrainLoss(z=3.0, window=50), revisit=revisit,
+                        studies=studies)
     qc.baseline()
+    return qc, trained
+
+
+def test_calibration_seeds_the_batch_window_and_undoes_every_step():
+    """Batches from the pre-training's saved losses, topped up by calibration batches, each
+    undone; nothing else at the cold start; then the very first update is judged against
+    them."""
+    own = {s: 0.1 + i / 1000 for i, s in enumerate("abcdefghijklmnop")} | {"h1": 5.0}
+    model = FakeModel({"h1": ({0, 1}, set())}, own)
+    qc, trained = spied_trainloss(model, {s: "A" for s in own}, revisit=2)
     pretraining = [0.2 + i / 100 for i in range(6)] + [math.nan]  # short, one non-finite
     model.wrong = frozenset({5})  # the state calibration must leave as it found it
     cost = qc.calibrate(batch_size=4, seed=3, pretraining=pretraining)
@@ -333,17 +341,7 @@ def test_single_images_are_judged_against_images_of_accepted_batches_calibrated_
     harmful = {f"h{i:02d}": 5.0 for i in range(30)}
     studies = {s: f"G{int(s[1:]) % 3}" for s in good} | {s: f"H{int(s[1:]) % 3}" for s in harmful}
     model = FakeModel({}, good | harmful)
-    trained: list[list[str]] = []
-    train = model.train
-
-    def spy(center, ids):
-        trained.append(list(ids))
-        return train(center, ids)
-
-    model.train = spy
-    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
-                        criterion=TrainLoss(z=3.0, window=50), revisit=1, studies=studies)
-    qc.baseline()
+    qc, trained = spied_trainloss(model, studies, revisit=1)
     qc.calibrate(batch_size=5, seed=0, pretraining=[0.05 + i / 100 for i in range(10)])
     assert trained == []  # the batch window came whole from the pre-training
     qc.start_cycle(10)
