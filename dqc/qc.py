@@ -338,8 +338,9 @@ class QualityControl:
                 for value in pretraining:
                     window = self.criterion.remember(window, float(value))
             rng = np.random.default_rng([seed, CALIBRATION_STREAM])
+            centers = self._centers()
             self.state.windows[key] = self._fill(key, window, len(window),
-                                                 lambda: _draw(self._centers(), n, rng))
+                                                 lambda: _draw(centers, n, rng))
         return self.state.calibration
 
     def _centers(self) -> dict[str, list[str]]:
@@ -387,15 +388,16 @@ class QualityControl:
         seed and the cycle)."""
         key = self.criterion.window_key(1)
         cost = self.state.calibration
-        if key is None or cost.get("batch_size", 1) == 1:
+        if key is None or not self._suspects_apart():
             return self.state.windows.get(key, []) if key else []
         if cost.get("image_cycle") != self.cycle:
             n = cost["batch_size"]
             batch_key = self.criterion.window_key(n)
             rng = np.random.default_rng([cost["seed"], CALIBRATION_STREAM, self.cycle])
+            centers = self._centers()
 
             def draw() -> tuple[str, list[str]] | None:
-                center, ids = _draw(self._centers(), n, rng)
+                center, ids = _draw(centers, n, rng)
                 check = self._check(center, ids, self.state.windows.get(batch_key, []))
                 self.restore(check.before)
                 cost["steps"] += 1
