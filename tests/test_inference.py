@@ -280,3 +280,54 @@ def test_error_from_a_real_process(bad_runs: dict) -> None:
     """As a process: status 2 and the error line only (it comes before TensorFlow starts)."""
     result = _finish(_start(*bad_runs["no Age column"]))
     _assert_one_error_line(result.returncode, result.stderr, "missing column(s) Age")
+
+
+def _fresh_pair(folder: Path, cycle: int, shape: tuple[int, int, int], width: float,
+                seed: int) -> tuple[int, Path, Path]:
+    """An untrained (encoder, classifier) pair of our architecture, saved as cycle `cycle`."""
+    import keras
+
+    from dqc.model import Architecture, build_models
+
+    keras.utils.set_random_seed(seed)
+    paths = [folder / f"tm_{part}_{cycle:03d}.keras" for part in ("encoder", "classifier")]
+    for model, path in zip(build_models(shape, Architecture(width=width)), paths):
+        model.save(path)
+    return cycle, *paths
+
+
+@pytest.mark.filterwarnings("ignore::dqc.metrics.MetricWarning")
+def test_each_cycle_scores_as_its_own_model_loaded_whole(small_cohort: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """A cycle of the same architecture as the model at hand has its weights loaded into
+    it (no new model); one of another architecture is built anew; each cycle's scores are
+    the bits of its own pair loaded whole. A pair that takes other volumes (same weights'
+    shapes, another input shape) is still refused."""
+    import dqc.checkpoint
+    from dqc.checkpoint import load_models
+    from dqc.data import load_table
+    from dqc.inference import predict_cycles
+    from dqc.model import stack
+    from dqc.trainer import predict_in_batches
+    from dqc.volumes import VolumeStore
+
+    shape = (20, 24, 20)
+    cycles = [_fresh_pair(tmp_path, 0, shape, 0.25, 1), _fresh_pair(tmp_path, 1, shape, 0.25, 2),
+              _fresh_pair(tmp_path, 2, shape, 0.5, 3), _fresh_pair(tmp_path, 3, shape, 0.5, 4)]
+    built = []
+    monkeypatch.setattr(dqc.checkpoint, "load_models",
+                        lambda *paths: built.append(paths) or load_models(*paths))
+    _, predictions = predict_cycles(small_cohort["test"], cycles, verbose=False)
+    assert [Path(e).name for e, _ in built] == ["tm_encoder_000.keras", "tm_encoder_002.keras"]
+    table = load_table(small_cohort["test"], "inference")
+    volumes = VolumeStore(table, shape, verbose=False).stacked(list(table.Subject))
+    for cycle, encoder, classifier in cycles:
+        alone = predict_in_batches(stack(*load_models(encoder, classifier)[:2]), volumes, 8)
+        mine = predictions[predictions.cycle == cycle].score.to_numpy()
+        np.testing.assert_array_equal(mine, alone.astype(np.float64))
+    assert len({tuple(predictions[predictions.cycle == c].score) for c in range(4)}) == 4
+
+    (tmp_path / "other").mkdir()
+    other = _fresh_pair(tmp_path / "other", 1, (24, 24, 24), 0.25, 2)
+    with pytest.raises(DQCError, match="takes 24x24x24 volumes, the models before it 20x24x20"):
+        predict_cycles(small_cohort["test"], [cycles[0], other], verbose=False)
