@@ -63,11 +63,15 @@ class Trainer:
 
         TensorFlow retraces for a new batch shape and, from the second shape on, falls back to
         a graph with an unknown batch size, whose kernels round slightly differently. Tracing
-        both now means every real step runs the same graph whatever came before, so a run
-        resumed from files matches an uninterrupted run bit for bit. The state is restored.
+        that graph now means every real step runs the same graph whatever came before, so a
+        run resumed from files matches an uninterrupted run bit for bit. Under TensorFlow it
+        is traced once, for any batch size (`trace_for_any_batch`); otherwise (JAX compiles
+        per shape) by steps on batches of 1 and 2, the state restored after them.
         """
-        saved = self.snapshot()
         shape = tuple(self.model.input.shape[1:])
+        if keras.backend.backend() == "tensorflow" and trace_for_any_batch(self.model, shape):
+            return
+        saved = self.snapshot()
         for n in (1, 2):
             x = np.zeros((n, *shape), np.float32)
             self.model.train_on_batch(x, np.zeros((n, 1), np.float32))
@@ -171,6 +175,38 @@ class Trainer:
     def _extra_variables(self) -> list:
         saved = {id(v) for v in self.encoder.weights + self.classifier.weights}
         return [v for v in self.state_variables if id(v) not in saved]
+
+
+def trace_for_any_batch(model: keras.Model, shape: tuple[int, ...]) -> bool:
+    """TensorFlow: trace a compiled model's training step and its prediction (float32 and
+    uint8 volumes) once each, for an unknown batch size, before their first call.
+
+    Calls on batches of 1 then 2 give the same graphs after two traces of the training step
+    (the first for its shape, the second relaxed to any batch size; ~2 s each at the tests'
+    sizes). The accuracy metric's variables are made first, outside the trace: a trace that
+    creates variables is followed by a second one at the next call. Returns False, having
+    traced nothing, where Keras' functions are not laid out as expected (another Keras).
+    """
+    import tensorflow as tf
+
+    model.make_train_function()
+    model.make_predict_function()
+    train, predict = model.train_function, model.predict_function
+    cells = dict(zip(getattr(train, "__code__", None).co_freevars if hasattr(train, "__code__")
+                     else (), (c.cell_contents for c in getattr(train, "__closure__", None) or ())))
+    step = getattr(cells.get("one_step_on_data"), "__wrapped__", None)
+    if not (hasattr(step, "get_concrete_function") and hasattr(predict, "get_concrete_function")):
+        return False
+    x, y = np.zeros((2, *shape), np.float32), np.zeros((2, 1), np.float32)
+    model.compute_metrics(x, y, model(x), sample_weight=None)
+    model.reset_metrics()
+
+    def any_batch(dtype, *dims: int) -> tf.TensorSpec:
+        return tf.TensorSpec((None, *dims), dtype)
+    step.get_concrete_function((any_batch(tf.float32, *shape), any_batch(tf.float32, 1), None))
+    for dtype in (tf.float32, tf.uint8):  # validation sets stay uint8
+        predict.get_concrete_function([(any_batch(dtype, *shape),)])
+    return True
 
 
 def predict_in_batches(model: keras.Model, x, batch_size: int) -> np.ndarray:

@@ -267,3 +267,41 @@ def test_snapshot_restore_is_bit_identical_for_weights_and_optimizer(full_run):
         assert np.array_equal(a, b)
     trainer.restore(snap)
     assert np.array_equal(trainer.predict(full_run["x"]), full_run["scores"])
+
+
+def _tracing_counts(trainer) -> tuple[int, int]:
+    """How many times TensorFlow traced the training step and the prediction so far."""
+    train = trainer.model.train_function
+    cells = dict(zip(train.__code__.co_freevars, (c.cell_contents for c in train.__closure__)))
+    return (cells["one_step_on_data"].__wrapped__.experimental_get_tracing_count(),
+            trainer.model.predict_function.experimental_get_tracing_count())
+
+
+def test_the_training_step_is_traced_once_and_steps_as_the_warm_up_by_calls_does(monkeypatch):
+    """Under TensorFlow the Trainer traces its step once, for any batch size, before its
+    first call; every step and prediction after it, whatever the batch sizes, gives the
+    bits that the warm-up by calls (batches of 1 and 2, three traces) gives."""
+    import dqc.trainer
+    from dqc.model import Architecture, build_models
+    from dqc.trainer import Trainer
+
+    def steps(trace_once: bool):
+        keras.utils.set_random_seed(3)
+        with monkeypatch.context() as m:
+            if not trace_once:
+                m.setattr(dqc.trainer, "trace_for_any_batch", lambda *args: False)
+            trainer = Trainer(*build_models(SHAPE, Architecture(width=0.25)))
+        traced = _tracing_counts(trainer)
+        rng, outputs = np.random.default_rng(0), []
+        for n in (5, 1, 2, 5, 3):
+            x = rng.random((n, *SHAPE, 1), np.float32)
+            outputs += [trainer.train_step(x, (rng.random(n) > 0.5).astype(np.float32)),
+                        trainer.predict((x * 255).astype(np.uint8))]
+        return traced, _tracing_counts(trainer), outputs, trainer.state_arrays()
+
+    before, after, outputs, state = steps(trace_once=True)
+    assert before == after == (1, 2)  # training once; prediction once for float32, uint8
+    by_calls_before, by_calls_after, by_calls, by_calls_state = steps(trace_once=False)
+    assert by_calls_before == by_calls_after and by_calls_before[0] > 1
+    for ours, theirs in zip(outputs + state, by_calls + by_calls_state):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
