@@ -170,3 +170,10 @@ def assert_same_qc_outputs(expected: Path, actual: Path, last_cycle: int) -> pd.
     a, b = (np.load(d / f"qc_state_{last_cycle:03d}.npz") for d in (expected, actual))
     assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("v"))
     return log
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> its bytes): what a stopped run must leave
+    exactly as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}

@@ -30,7 +30,7 @@ from dqc.federated.messages import (Identity, digest, identity_reply, pack, step
 from dqc.federated.replies import (ReplyFault, adam_step_bound, read_hello, read_step,
                                    read_tally)
 from dqc.qc import tally
-from helpers import assert_same_qc_outputs
+from helpers import assert_same_qc_outputs, file_bytes
 
 CYCLES = 5  # cycles 3..4 after the pre-trained 0..2; the fault comes in cycle 4
 FLAGS = ("--criterion", "loss")  # scores travel; its threshold sets itself
@@ -237,11 +237,6 @@ def after_cycle_3(federated_case: dict, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def resumed_after_cycle_3(federated_case: dict, after_cycle_3: Path,
                           tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -289,7 +284,7 @@ def test_a_faulty_node_stops_the_run_in_one_line_and_resume_finishes_it(
     assert (out / "qc_encoder_003.keras").is_file()
     assert not (out / "qc_encoder_004.keras").exists()
     assert set(pd.read_csv(out / "qc.csv").Cycle) == {0, 3}
-    assert _files(out) == _files(after_cycle_3)
+    assert file_bytes(out) == file_bytes(after_cycle_3)
 
     if fault == next(iter(FAULTS)):  # the node mended: one resume shows it for every fault
         simulate(parse_args(argv), engine="inprocess")

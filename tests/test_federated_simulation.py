@@ -11,13 +11,16 @@ above a clean batch's (the model fits the true labels), so in cycles 3 and 4 C04
 undone and each of its images retried alone. One image alone is judged against the single
 images' own window (calibrated before the first decision), where every loss is near ln 2
 (BatchNormalization over one image), so which of them are flagged, revisited and eliminated
-is not by construction: only that those come from C04. Counts are lower bounds.
+is not by construction: only that those come from C04. Counts are lower bounds. The silent
+node's run uses `combined` (the recommended criterion: each single image's held-out check is
+verified at the centers), continued in Ray after an in-process cycle 3.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,10 +29,11 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from helpers import assert_same_qc_outputs
+from helpers import assert_same_qc_outputs, file_bytes
 
 CYCLES = 5  # cycles 3..4 after the pre-trained 0..2
 FLAGS = ("--criterion", "trainloss", "--window", "10")
+COMBINED = ("--criterion", "combined")  # single images verified at the centers
 
 
 class OpenedFiles:
@@ -157,29 +161,38 @@ def test_network_figures_are_written(simulated: dict):
 
 # --- a node that stops answering, and --resume ----------------------------------------------
 
-COMBINED = ("--criterion", "combined", "--window", "10")  # single images verified at centers
 SILENT = 1          # partition of center C02, which holds validation rows
 
 
-def _stalling_files(nodes_dir: Path, armed: Path):
-    """Each node's CSVs, as in `simulate`; C02's node falls silent (it sleeps past the
-    server's timeout) once `armed` exists: cycle 3's checkpoint (nodes are processes; the
-    file is what they share)."""
-    def files(context):
-        from dqc.federated.node import node_csv
+@pytest.fixture(scope="module")
+def after_cycle_3(federated_case: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's files through cycle 3, in process (`dqc.federated.inprocess`: the same
+    server and node code, no Ray start): the silent node's run continues a copy of them."""
+    from dqc.federated.__main__ import parse_args
+    from dqc.federated.simulate import simulate
 
-        if int(context.node_config["partition-id"]) == SILENT and armed.exists():
-            time.sleep(20)
-        return node_csv(context, str(nodes_dir))
-    return files
+    out = tmp_path_factory.mktemp("silent") / "out"
+    simulate(parse_args(["simulate", *federated_case["common"], "-cycles", str(CYCLES - 1),
+                         *COMBINED, "--out", str(out)]), engine="inprocess")
+    return out
 
 
-def test_a_silent_node_stops_the_run_and_resume_finishes_it(federated_case: dict, capsys,
+def stall_mod(msg, context, call_next):
+    """A Flower mod: center C02's node falls silent (sleeps past the server's timeout) at
+    its first message after its hello."""
+    if int(context.node_config["partition-id"]) == SILENT and \
+            msg.metadata.message_type != "query.whoami":
+        time.sleep(20)
+    return call_next(msg, context)
+
+
+def test_a_silent_node_stops_the_run_and_resume_finishes_it(federated_case: dict,
+                                                            after_cycle_3: Path, capsys,
                                                             tmp_path: Path):
-    """One line naming the silent center, exit status 2, the last complete cycle's outputs
-    intact; --resume then gives what an uninterrupted run gives: the single-machine
-    script's outputs, every column of the log, with each single image verified at the
-    centers."""
+    """In Ray, continuing the run after cycle 3: one line naming the silent center, exit
+    status 2, cycle 3's files exactly as they were; --resume then gives what an
+    uninterrupted run gives: the single-machine script's outputs, every column of the log,
+    with each single image verified at the centers."""
     import cloudpickle
 
     from dqc.cli import run_main
@@ -187,25 +200,23 @@ def test_a_silent_node_stops_the_run_and_resume_finishes_it(federated_case: dict
     from dqc.federated.simulate import simulate
 
     out = tmp_path / "out"
+    shutil.copytree(after_cycle_3, out)
     argv = ["simulate", *federated_case["common"], "-cycles", str(CYCLES), *COMBINED,
-            "--out", str(out), "--node-timeout-s", "15"]
+            "--out", str(out), "--node-timeout-s", "15", "--resume"]
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stall reaches Ray
     try:
         with pytest.raises(SystemExit) as stopped:
-            run_main(lambda: simulate(parse_args(argv), _stalling_files(
-                out / "nodes", out / "qc_encoder_003.keras")))
+            run_main(lambda: simulate(parse_args(argv), mods=[stall_mod]))
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert stopped.value.code == 2 and len(errors) == 1
     assert "center C02" in errors[0] and "did not answer within 15 s" in errors[0]
-    assert (out / "qc_encoder_003.keras").is_file() and not (out / "qc_encoder_004.keras").exists()
-    assert set(pd.read_csv(out / "qc.csv").Cycle) == {0, 3}  # the log of the last whole cycle
+    assert file_bytes(out) == file_bytes(after_cycle_3)  # nothing of cycle 4
 
-    # the resume in process (`dqc.federated.inprocess`: the same server and node code, no
-    # second Ray start), from the files the Ray run left
-    simulate(parse_args([*argv, "--resume"]), engine="inprocess")
-    single = federated_case["single"](CYCLES, *COMBINED)
+    # the resume in process, from the files the Ray run left
+    simulate(parse_args(argv), engine="inprocess")
+    single = federated_case["single"](CYCLES, *COMBINED)  # shared with test_qc_criteria
     log = assert_same_qc_outputs(single, out, last_cycle=CYCLES - 1)
     assert log.VAL_LOSS.replace("", float("nan")).astype(float).notna().sum() >= 9
 
