@@ -22,8 +22,12 @@ JAX_TEST_ENV := KERAS_BACKEND=jax JAX_COMPILATION_CACHE_DIR=$(abspath $(VENV))/j
 # make test on every core: the tests that share an expensive fixture run in one worker, the
 # longest groups first (tests/conftest.py); XDIST= runs it in one process.
 XDIST ?= -n auto --dist loadgroup --no-loadscope-reorder
+# The three run at once (make's jobs; each prints its output whole when it ends): the JAX and
+# oneDNN-off sets fill the core that the TensorFlow run's longest groups leave idle at its end.
+# With GPU=1 one after the other: each JAX process would claim the GPU's memory.
+TEST_SETS := test-tensorflow test-jax test-onednn-off
 
-.PHONY: setup gpu-check test test-deploy test-install demo study bench clean
+.PHONY: setup gpu-check test $(TEST_SETS) test-deploy test-install demo study bench clean
 
 setup: $(if $(GPU),gpu-check $(STAMP) $(GPU_STAMP),$(STAMP))
 
@@ -49,8 +53,16 @@ $(GPU_STAMP): requirements-gpu.txt $(STAMP)
 # decisions with TensorFlow's oneDNN optimisations off: other convolution kernels round
 # differently, as another CPU's would, so an assert that holds only by float luck fails here.
 test: setup
+	@echo "make test: $(TEST_SETS) at once; each prints when it ends"
+	@$(MAKE) --no-print-directory -O$(if $(GPU),none,target) -j$(if $(GPU),1,3) $(TEST_SETS)
+
+test-tensorflow: setup
 	$(PY) -m pytest -q $(XDIST)
+
+test-jax: setup
 	$(JAX_TEST_ENV) $(PY) -m pytest -q -m jax
+
+test-onednn-off: setup
 	TF_ENABLE_ONEDNN_OPTS=0 $(PY) -m pytest -q -m decisions
 
 # The whole Flower deployment on loopback (SuperLink + SuperNodes, TLS, node auth): ~3 min.
