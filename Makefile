@@ -48,9 +48,9 @@ $(GPU_STAMP): requirements-gpu.txt $(STAMP)
 	echo jax > $(VENV)/keras-backend
 	touch $(GPU_STAMP)
 
-# The suite under the backend setup chose (TensorFlow; JAX on the GPU with GPU=1), then the
-# tests marked jax under JAX (on the CPU, or the GPU with GPU=1), then the tests marked
-# decisions with TensorFlow's oneDNN optimisations off: other convolution kernels round
+# Three sets (TEST_SETS, at once): the suite under the backend setup chose (TensorFlow; JAX on
+# the GPU with GPU=1), the tests marked jax under JAX (on the CPU, or the GPU with GPU=1), and
+# the tests marked decisions with TensorFlow's oneDNN optimisations off: other convolution kernels round
 # differently, as another CPU's would, so an assert that holds only by float luck fails here.
 test: setup
 	@echo "make test: $(TEST_SETS) at once; each prints when it ends"

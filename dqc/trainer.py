@@ -189,12 +189,8 @@ def trace_for_any_batch(model: keras.Model, shape: tuple[int, ...]) -> bool:
     """
     import tensorflow as tf
 
-    model.make_train_function()
     model.make_predict_function()
-    train, predict = model.train_function, model.predict_function
-    cells = dict(zip(getattr(train, "__code__", None).co_freevars if hasattr(train, "__code__")
-                     else (), (c.cell_contents for c in getattr(train, "__closure__", None) or ())))
-    step = getattr(cells.get("one_step_on_data"), "__wrapped__", None)
+    step, predict = keras_train_step(model), model.predict_function
     if not (hasattr(step, "get_concrete_function") and hasattr(predict, "get_concrete_function")):
         return False
     x, y = np.zeros((2, *shape), np.float32), np.zeros((2, 1), np.float32)
@@ -207,6 +203,16 @@ def trace_for_any_batch(model: keras.Model, shape: tuple[int, ...]) -> bool:
     for dtype in (tf.float32, tf.uint8):  # validation sets stay uint8
         predict.get_concrete_function([(any_batch(dtype, *shape),)])
     return True
+
+
+def keras_train_step(model: keras.Model):
+    """TensorFlow: the `tf.function` behind a compiled model's `train_on_batch` (Keras keeps
+    it in the closure of `model.train_function`), or None where Keras lays it out otherwise."""
+    model.make_train_function()
+    train = model.train_function
+    names = getattr(getattr(train, "__code__", None), "co_freevars", ())
+    cells = dict(zip(names, (c.cell_contents for c in getattr(train, "__closure__", None) or ())))
+    return getattr(cells.get("one_step_on_data"), "__wrapped__", None)
 
 
 def predict_in_batches(model: keras.Model, x, batch_size: int) -> np.ndarray:
