@@ -188,12 +188,14 @@ def add_qc_flags(parser: argparse.ArgumentParser) -> None:
                    "refused")
     p.add_argument("--alpha", type=float, default=None, help="mcnemar only: significance "
                    f"level (default {defaults.ALPHA})")
-    p.add_argument("--z", type=float, default=None, help="loss, trainloss, heldout, combined: "
+    self_set = ", ".join(name for name, kind in CRITERIA.items()
+                         if "z" in kind.parameter_names())
+    p.add_argument("--z", type=float, default=None, help=f"{self_set}: "
                    "the self-set threshold's robust z-score; nominal one-sided false-flag "
                    "rate under normality 1 - Phi(z): z=2 2.3%%, z=3 0.13%%, z=4 0.003%% "
                    f"(default {defaults.Z})")
-    p.add_argument("--window", type=int, default=None, help="loss, trainloss, heldout, "
-                   "combined: how many accepted updates' statistics (of the same kind) the "
+    p.add_argument("--window", type=int, default=None, help=f"{self_set}: how many "
+                   "accepted updates' statistics (of the same kind) the "
                    f"threshold looks back on (default {defaults.WINDOW}; at least 10)")
     p.add_argument("--no-report", action="store_true", help="do not write NAME_report.html "
                    "(the run's page: settings, validation figure, per-center table, the "

@@ -140,6 +140,12 @@ class Criterion:
         """Whether the update is checked by a step with Adam's first moments zeroed."""
         return False
 
+    def retries_alone(self) -> bool:
+        """Whether a flagged batch's images are each retried alone at once (the paper's
+        policy), rather than all flagged and confirmed at their revisit, each in a batch
+        with kept images of its center (`witnessed`)."""
+        return True
+
     def log_columns(self) -> list[str]:
         """The paper's nine columns and what this criterion decided on."""
         return LOG_COLUMNS + CRITERION_COLUMNS
@@ -336,9 +342,26 @@ class Combined(SelfSet):
         return self._part(n_images).statistic(new, reference, n_images, train_loss)
 
 
+@dataclass(frozen=True)
+class Witnessed(TrainLoss):
+    """Batches as `trainloss`; a flagged batch's images are not retried alone (one image's
+    own loss and its validation check are nearly blind with BatchNorm over one image): each
+    waits for its revisit, where it is judged in a batch of the regular pass's size with
+    kept images of its center (its witnesses), against the batches' window. No validation
+    pass and no one-image step at all."""
+
+    name: ClassVar[str] = "witnessed"
+    summary: ClassVar[str] = ("batches as trainloss; a flagged batch's images are confirmed "
+                              "at their revisit, each in a batch with kept images of its "
+                              "center (no validation pass)")
+
+    def retries_alone(self) -> bool:
+        return False
+
+
 #: The criteria by their command-line name.
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
-                                                            HeldOut, Combined)}
+                                                            HeldOut, Combined, Witnessed)}
 
 
 def make_criterion(name: str, **given) -> Criterion:

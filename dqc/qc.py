@@ -25,6 +25,8 @@ from dqc.errors import DQCError
 BCE_EPSILON = 1e-7
 #: The calibration's random stream: seeded by the run's seed and this, apart from the cycles'.
 CALIBRATION_STREAM = 7919
+#: The revisit's witnesses' random stream (`QualityControl.witnesses`).
+WITNESS_STREAM = 7927
 
 
 @dataclass(frozen=True)
@@ -455,14 +457,15 @@ class QualityControl:
             verdict = Verdict(True, verdict.statistic, verdict.limit)
         return Check(before, loss, acc, ev, verdict, bad)
 
-    def _try(self, center: str, ids: list[str], subject: str,
-             suspect: bool = False) -> tuple[bool, float, float]:
-        """Check, log; undo if harmful. Returns (harmful, loss, acc). A `suspect` (one image
-        retried from a flagged batch, or revisited) is judged against `image_window` and
-        its statistic enters no window."""
+    def _try(self, center: str, ids: list[str], subject: str, suspect: bool = False,
+             keep: bool = True) -> tuple[bool, float, float]:
+        """Check, log; undo if harmful (and, unless `keep`, if harmless too). Returns
+        (harmful, loss, acc). A `suspect` (one image retried from a flagged batch, or
+        revisited) alone is judged against `image_window`, with its witnesses against the
+        batches' window; its statistic enters no window."""
         n = len(ids)
         key = self.criterion.window_key(n)
-        window = self.image_window() if suspect else \
+        window = self.image_window() if suspect and n == 1 else \
             (self.state.windows.get(key, []) if key else [])
         check = self._check(center, ids, window)
         if self.criterion.holds_out_momentum(n) and not check.verdict.harmful:
@@ -477,7 +480,7 @@ class QualityControl:
             self._warn_nonfinite(check, center, ids, "flagged and undone")
         self._log(subject, center, check.ev, check.verdict, train_loss=check.loss,
                   n_images=0 if suspect and self._suspects_apart() else n)
-        if check.verdict.harmful:
+        if check.verdict.harmful or not keep:
             self.restore(check.before)
         return check.verdict.harmful, check.loss, check.acc
 
@@ -493,27 +496,63 @@ class QualityControl:
             record.first_flagged_cycle = self.cycle
         return record
 
+    def _suspect(self, subject: str) -> None:
+        """Flag an image and schedule its revisit in R cycles (it leaves the regular pass)."""
+        record = self._flag(subject)
+        record.revisit_cycle = self.cycle + self.revisit
+        self.state.schedule.setdefault(record.revisit_cycle, []).append(subject)
+
     def verify_batch(self, center: str, ids: list[str]) -> tuple[float, float]:
-        """Regular pass: keep a harmless batch; else retry each image alone, flag the harmful."""
+        """Regular pass: keep a harmless batch; else retry each image alone, flag the harmful
+        (a criterion that confirms at the revisit instead flags them all)."""
         harmful, loss, acc = self._try(center, ids, "batch")
         if not harmful:
+            return loss, acc
+        if not self.criterion.retries_alone():
+            for subject in ids:
+                self._suspect(subject)
+            self.on_event(f"cycle {self.cycle}: batch of {len(ids)} at {center} flagged; its "
+                          f"images wait for their revisit in cycle {self.cycle + self.revisit}")
             return loss, acc
         self.on_event(f"cycle {self.cycle}: batch of {len(ids)} at {center} flagged; "
                       "checking its images one by one")
         for subject in ids:
             if self._try(center, [subject], subject, suspect=True)[0]:
-                record = self._flag(subject)
-                record.revisit_cycle = self.cycle + self.revisit
-                self.state.schedule.setdefault(record.revisit_cycle, []).append(subject)
+                self._suspect(subject)
                 self.on_event(f"cycle {self.cycle}: {subject} ({center}) harmful; "
-                              f"revisit in cycle {record.revisit_cycle}")
+                              f"revisit in cycle {self.cycle + self.revisit}")
         return loss, acc
 
+    def witnesses(self, subject: str, due: Sequence[str], rng: np.random.Generator
+                  ) -> list[str]:
+        """The images a suspect is revisited with: up to batch size - 1 kept images of its
+        center (neither eliminated nor waiting for a revisit), drawn at random; where the
+        center has too few, the rest from the suspects revisited with it at that center."""
+        study = self.state.images[subject].study
+        n = self.state.calibration.get("batch_size", 1) - 1
+        skip = self.waiting() | self.eliminated() | set(due)
+        at_center = [s for s, r in self.state.images.items() if r.study == study]
+        picked: list[str] = []
+        for pool in ([s for s in at_center if s not in skip],
+                     [s for s in due if s != subject and self.state.images[s].study == study]):
+            take = min(n - len(picked), len(pool))
+            if take > 0:
+                picked += [pool[i] for i in sorted(rng.choice(len(pool), take, replace=False))]
+        return picked
+
     def revisit_pass(self) -> None:
-        """Images scheduled for this cycle train alone once more; harmful again: eliminated."""
-        for subject in self.state.schedule.pop(self.cycle, []):
+        """Images scheduled for this cycle train alone once more; harmful again: eliminated.
+        A criterion that does not retry images alone judges each with its witnesses instead
+        (`witnesses`; seeded by the run's seed and the cycle), a check step undone whatever
+        its verdict: the image rejoins the regular pass or is eliminated."""
+        due = self.state.schedule.pop(self.cycle, [])
+        alone = self.criterion.retries_alone()
+        rng = np.random.default_rng([self.state.calibration.get("seed", 0), WITNESS_STREAM,
+                                     self.cycle])
+        for subject in due:
             record = self.state.images[subject]
-            if self._try(record.study, [subject], subject, suspect=True)[0]:
+            ids = [subject] if alone else [subject, *self.witnesses(subject, due, rng)]
+            if self._try(record.study, ids, subject, suspect=True, keep=alone)[0]:
                 self._flag(subject)
                 record.eliminated_cycle = self.cycle
                 self.on_event(f"cycle {self.cycle}: {subject} ({record.study}) harmful again; "

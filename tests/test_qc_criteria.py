@@ -17,6 +17,7 @@ import pytest
 
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
+                          Witnessed,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
@@ -285,6 +286,71 @@ def test_trainloss_windows_hold_accepted_updates_only_batches_and_images_apart()
     assert qc.state.windows["train_loss:image"][-1] == 1.11  # z's accepted loss: its own window
     assert 9.0 not in qc.state.windows["train_loss:image"]
     assert qc.status("y") == "pending" and qc.status("z") == "kept"
+
+
+def witnessed_case(seed: int) -> tuple[QualityControl, FakeModel, list[list[str]]]:
+    """`witnessed` over a wholly harmful center H (h0..h4, own loss 5), a mixed one M (m0..m8
+    good, mx harmful) and a good one G, after cycle 10's regular pass; every update made
+    from then on is listed (the ids)."""
+    good = {f"m{i}": 0.1 for i in range(9)} | {f"g{i}": 0.1 for i in range(5)}
+    losses = good | {"mx": 5.0} | {f"h{i}": 5.0 for i in range(5)}
+    # each image's update marks one validation image wrong: the state shows what was kept
+    model = FakeModel({s: ({i % 12}, set()) for i, s in enumerate(losses)}, losses)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Witnessed(), revisit=2, studies={s: s[0].upper() for s in losses})
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=seed, pretraining=[0.1 + i / 1000 for i in range(10)])
+    qc.start_cycle(10)
+    for center, batch in [("H", [f"h{i}" for i in range(5)]), ("M", ["m0", "m1", "m2", "m3", "mx"]),
+                          ("M", ["m4", "m5", "m6", "m7", "m8"]), ("G", [f"g{i}" for i in range(5)])]:
+        qc.verify_batch(center, batch)
+    trained: list[list[str]] = []
+    train = model.train
+    model.train = lambda center, ids: trained.append(list(ids)) or train(center, ids)
+    qc.train = model.train
+    return qc, model, trained
+
+
+def test_witnessed_flags_whole_batches_and_confirms_each_image_among_kept_ones():
+    """A flagged batch's images are all suspects at once (no one-image step); at the revisit
+    each is judged in a batch of five with kept images of its center (co-suspects where the
+    center has none), against the batches' window, and every such step is undone."""
+    qc, model, trained = witnessed_case(seed=0)
+    assert [(r["Subject"], r["Ignored"]) for r in qc.state.log[1:]] == \
+        [("batch", 1), ("batch", 1), ("batch", 0), ("batch", 0)]
+    suspects = {f"h{i}" for i in range(5)} | {"m0", "m1", "m2", "m3", "mx"}
+    assert {s for s in qc.state.images if qc.status(s) == "pending"} == suspects
+    window, kept_state = list(qc.state.windows["train_loss:batch"]), model.wrong
+    qc.start_cycle(11)
+    qc.revisit_pass()
+    assert trained == []  # nothing due in cycle 11
+    qc.start_cycle(12)
+    qc.revisit_pass()
+    assert [ids[0] for ids in trained] == [f"h{i}" for i in range(5)] + ["m0", "m1", "m2", "m3", "mx"]
+    assert all(len(ids) == 5 and len(set(ids)) == 5 for ids in trained)
+    for ids in trained:
+        center = ids[0][0]
+        assert all(s[0] == center for s in ids)
+        if center == "M":  # witnesses: M's kept images, never another suspect
+            assert set(ids[1:]) <= {"m4", "m5", "m6", "m7", "m8"}
+    assert sorted(qc.eliminated()) == sorted({f"h{i}" for i in range(5)} | {"mx"})
+    assert all(qc.status(s) == "kept" for s in ("m0", "m1", "m2", "m3"))
+    assert model.wrong == kept_state  # every confirmation step undone, passed or not
+    assert qc.state.windows["train_loss:batch"] == window  # suspects enter no window
+    rows = qc.state.log[-10:]
+    assert [r["Subject"] for r in rows] == [ids[0] for ids in trained]
+    assert [r["Ignored"] for r in rows] == [1] * 5 + [0] * 4 + [1]
+    assert rows[-1]["TRAIN_LOSS"] == pytest.approx((5.0 + 4 * 0.1) / 5)
+
+
+def test_witnesses_are_drawn_with_the_runs_seed():
+    draws = []
+    for seed in (0, 0, 1):
+        qc, _, trained = witnessed_case(seed)
+        qc.start_cycle(12)
+        qc.revisit_pass()
+        draws.append([ids[1:] for ids in trained if ids[0].startswith("m")])
+    assert draws[0] == draws[1] and draws[0] != draws[2]
 
 
 # --- cold start: the run calibrates itself before its first decision ---------------------------
