@@ -364,6 +364,13 @@ CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar
                                                             HeldOut, Combined, Witnessed)}
 
 
+def own_word_criteria() -> list[str]:
+    """The criteria that accept a batch on the training loss its center reports (no
+    validation pass for it): what a federation with --no-own-word refuses."""
+    return [name for name, kind in CRITERIA.items()
+            if not kind().needs_evaluation(defaults.BATCH_SIZE)]
+
+
 def make_criterion(name: str, **given) -> Criterion:
     """The criterion `name` with the parameters given (the others at their defaults).
 

@@ -12,7 +12,7 @@ undone and each of its images retried alone. One image alone is judged against t
 images' own window (calibrated before the first decision), where every loss is near ln 2
 (BatchNormalization over one image), so which of them are flagged, revisited and eliminated
 is not by construction: only that those come from C04. Counts are lower bounds. The silent
-node's run uses `combined` (the recommended criterion: each single image's held-out check is
+node's run uses `combined` (each single image's held-out check is
 verified at the centers), continued in Ray after an in-process cycle 3.
 """
 

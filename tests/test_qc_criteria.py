@@ -185,7 +185,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("rates", {"z": 3.0}, "--z means nothing for --criterion rates (its flags: -error)"),
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
-                  "combined, got 'vibes'"),
+                  "combined, witnessed, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -195,7 +195,9 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
-        ["counts", "scores", "predictions", "scores", "scores", "scores"]
+        ["counts", "scores", "predictions", "scores", "scores", "scores", "scores"]
+    assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == ["witnessed"]
+    assert not Witnessed().needs_evaluation(5) and not Witnessed().needs_evaluation(1)
     assert make_criterion("rates").parameters() == {"name": "rates", "error": 0.02}
     assert make_criterion("combined", z=2.5).parameters() == \
         {"name": "combined", "z": 2.5, "window": 50}
@@ -297,12 +299,15 @@ def witnessed_case(seed: int) -> tuple[QualityControl, FakeModel, list[list[str]
     # each image's update marks one validation image wrong: the state shows what was kept
     model = FakeModel({s: ({i % 12}, set()) for i, s in enumerate(losses)}, losses)
     qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
-                        criterion=Witnessed(), revisit=2, studies={s: s[0].upper() for s in losses})
+                        criterion=Witnessed(), revisit=2,
+                        studies={s: s[0].upper() for s in losses})
     qc.baseline()
     qc.calibrate(batch_size=5, seed=seed, pretraining=[0.1 + i / 1000 for i in range(10)])
     qc.start_cycle(10)
-    for center, batch in [("H", [f"h{i}" for i in range(5)]), ("M", ["m0", "m1", "m2", "m3", "mx"]),
-                          ("M", ["m4", "m5", "m6", "m7", "m8"]), ("G", [f"g{i}" for i in range(5)])]:
+    for center, batch in [("H", [f"h{i}" for i in range(5)]),
+                          ("M", ["m0", "m1", "m2", "m3", "mx"]),
+                          ("M", ["m4", "m5", "m6", "m7", "m8"]),
+                          ("G", [f"g{i}" for i in range(5)])]:
         qc.verify_batch(center, batch)
     trained: list[list[str]] = []
     train = model.train
@@ -326,7 +331,8 @@ def test_witnessed_flags_whole_batches_and_confirms_each_image_among_kept_ones()
     assert trained == []  # nothing due in cycle 11
     qc.start_cycle(12)
     qc.revisit_pass()
-    assert [ids[0] for ids in trained] == [f"h{i}" for i in range(5)] + ["m0", "m1", "m2", "m3", "mx"]
+    assert [ids[0] for ids in trained] == \
+        [f"h{i}" for i in range(5)] + ["m0", "m1", "m2", "m3", "mx"]
     assert all(len(ids) == 5 and len(set(ids)) == 5 for ids in trained)
     for ids in trained:
         center = ids[0][0]

@@ -11,6 +11,7 @@ app-dir:  the folder of the installed Flower app, for `flwr run APP_DIR CONNECTI
 """
 
 from dqc.cli import Parser, add_qc_flags, run_main
+from dqc.criteria import own_word_criteria
 from dqc.federated.runconfig import NETWORK_DEFAULTS, ON_FAULTY_NODE, VERIFY_AT
 
 
@@ -35,8 +36,8 @@ def parse_args(argv=None):
                        "exclude its center's images from then on (the summary names it)")
         q.add_argument("--no-own-word", action="store_true", help="accept no update on its own "
                        "center's word alone: refuse criteria that judge a batch by the loss its "
-                       "center reports (trainloss, combined) and verification at fewer than "
-                       "two centers (docs/threat-model.md)")
+                       f"center reports ({', '.join(own_word_criteria())}) and verification "
+                       "at fewer than two centers (docs/threat-model.md)")
         if name == "deploy":
             q.add_argument("--work", default=None, help="folder for keys, certificates, node "
                            "CSVs and process logs (default: a temporary folder, removed after)")
