@@ -14,7 +14,6 @@ on a slow CPU. Prints the table and writes OUT/qc_seeds.csv.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -25,27 +24,14 @@ quiet_tensorflow_import()
 
 from dqc import checkpoint  # noqa: E402  (TensorFlow, quiet)
 from dqc.demo import DemoConfig, Stages, without_harm  # noqa: E402
-from dqc.inference import (find_cycle_models, output_paths, predict_cycles,  # noqa: E402
-                           write_outputs)
 from dqc.io import write_csv  # noqa: E402
-
-
-def test_auroc(stages: Stages, run: str) -> float:
-    """The run's mean test AUROC over the demo's last `finding_cycles` cycles."""
-    c = stages.config
-    metrics = pd.read_csv(stages.out / "inference" / f"{run}_metrics.csv")
-    return float(metrics[metrics.cycle >= c.cycles - c.finding_cycles].auroc.mean())
-
-
-def seconds_per_cycle(folder: Path, first: int) -> float:
-    seconds = [v for k, v in json.loads((folder / "cycle_seconds.json").read_text()).items()
-               if int(k) >= first]
-    return sum(seconds) / len(seconds)
+from dqc.report import auroc, detection_row, finding_cycles, mean_seconds, qc_result  # noqa
 
 
 def run_seed(seed: int, out: Path, criteria: tuple[str, ...], scenarios: tuple[str, ...]
              ) -> list[dict]:
-    """Train, check and score one seed's runs; one row per scenario and criterion."""
+    """Train, check and score one seed's runs; one row per scenario and criterion (the
+    figures of the demo's report: `dqc.report.qc_result`)."""
     c = DemoConfig(out=out / f"seed_{seed}", seed=seed, criteria=criteria, verbose=False)
     st = Stages(c)
     st.stage("cohort", (st.cohort / "test.csv").is_file(), st.build_cohort)
@@ -61,34 +47,24 @@ def run_seed(seed: int, out: Path, criteria: tuple[str, ...], scenarios: tuple[s
                      (st.qc_dir(s, k) / "qc_summary.json").is_file(),
                      lambda s=s, k=k: st.quality_control(s, k))
             runs.append(f"qc_{s}_{k}")
-    folders = st.runs()
-    last = range(c.cycles - c.finding_cycles, c.cycles)
+    folders, cycles = st.runs(), finding_cycles(c)
     for run in runs:
-        folder, prefix = folders[run]
-
-        def infer(run=run, folder=folder, prefix=prefix) -> None:
-            models = find_cycle_models(folder, folder, prefix=prefix, cycles=last)
-            metrics, predictions = predict_cycles(st.cohort / "test.csv", models, verbose=False)
-            write_outputs(metrics, predictions, output_paths(st.out / "inference", run))
         st.stage(f"inference {run}", (st.out / "inference" / f"{run}_metrics.csv").is_file(),
-                 infer)
-    rows, clean = [], test_auroc(st, "clean")
+                 lambda run=run: st.infer(run, *folders[run], cycles=cycles))
+    rows, clean = [], auroc(st.out, "clean", cycles)[0]
     for s in scenarios:
         no_qc = st.no_qc_run(s)
-        training = seconds_per_cycle(folders[no_qc][0], c.pretrain)
+        training = mean_seconds(folders[no_qc][0], range(c.pretrain, c.cycles))
         for k in criteria:
-            images = pd.read_csv(st.qc_dir(s, k) / "qc_images.csv")
-            row = {"seed": seed, "scenario": s, "criterion": k}
-            for kind, part in (("harmful", images[images.Harmful == 1]),
-                               ("good", images[images.Harmful == 0])):
-                row[f"{kind} eliminated"] = f"{(part.status == 'eliminated').sum()}/{len(part)}"
-                row[f"{kind} flagged"] = f"{(part.status != 'kept').sum()}/{len(part)}"
-            qc = seconds_per_cycle(st.qc_dir(s, k), c.pretrain)
-            row.update({"test AUROC": round(test_auroc(st, f"qc_{s}_{k}"), 3),
-                        "no QC": round(test_auroc(st, no_qc), 3), "clean": round(clean, 3),
-                        "QC s/cycle": round(qc, 1), "training s/cycle": round(training, 1),
-                        "QC / training": round(qc / training, 2)})
-            rows.append(row)
+            r = qc_result(st, s, k, clean, training)
+            row = detection_row(r)
+            rows.append({"seed": seed, "scenario": s, **{key: row[key] for key in (
+                "criterion", "harmful eliminated", "harmful flagged", "good eliminated",
+                "good flagged")},
+                "test AUROC": round(r["auroc"], 3),
+                "no QC": round(auroc(st.out, no_qc, cycles)[0], 3), "clean": round(clean, 3),
+                "QC s/cycle": row["QC s per cycle"], "training s/cycle": round(training, 1),
+                "QC / training": row["x training cycle"]})
     return rows
 
 

@@ -304,10 +304,11 @@ class Stages:
             self.scenario_csv(scenario), self.qc_dir(scenario, criterion), "qc")),
             self.qc_spec(criterion))
 
-    def infer(self, name: str, folder: Path, prefix: str) -> None:
+    def infer(self, name: str, folder: Path, prefix: str, cycles: range | None = None) -> None:
+        """Score a run's cycle models (those in `cycles`; all by default) on the test set."""
         from dqc.inference import find_cycle_models, output_paths, predict_cycles, write_outputs
 
-        models = find_cycle_models(folder, folder, prefix=prefix)
+        models = find_cycle_models(folder, folder, prefix=prefix, cycles=cycles)
         metrics, predictions = predict_cycles(self.cohort / "test.csv", models,
                                               verbose=self.config.verbose)
         write_outputs(metrics, predictions, output_paths(self.out / "inference", name))

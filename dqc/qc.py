@@ -530,10 +530,9 @@ class QualityControl:
         center has too few, the rest from the suspects revisited with it at that center."""
         study = self.state.images[subject].study
         n = self.state.calibration.get("batch_size", 1) - 1
-        skip = self.waiting() | self.eliminated() | set(due)
         at_center = [s for s, r in self.state.images.items() if r.study == study]
         picked: list[str] = []
-        for pool in ([s for s in at_center if s not in skip],
+        for pool in ([s for s in self.select(study, at_center) if s not in due],
                      [s for s in due if s != subject and self.state.images[s].study == study]):
             take = min(n - len(picked), len(pool))
             if take > 0:
@@ -547,8 +546,8 @@ class QualityControl:
         its verdict: the image rejoins the regular pass or is eliminated."""
         due = self.state.schedule.pop(self.cycle, [])
         alone = self.criterion.retries_alone()
-        rng = np.random.default_rng([self.state.calibration.get("seed", 0), WITNESS_STREAM,
-                                     self.cycle])
+        rng = None if alone else np.random.default_rng(
+            [self.state.calibration.get("seed", 0), WITNESS_STREAM, self.cycle])
         for subject in due:
             record = self.state.images[subject]
             ids = [subject] if alone else [subject, *self.witnesses(subject, due, rng)]
