@@ -258,14 +258,21 @@ def script_runs(cohort: dict, bad_cases: dict[str, BadCase],
 
 #: Session fixtures that take long to build: the tests using one run in one xdist worker.
 SHARED_FIXTURES = ("federated_case", "pretrained_one", "script_runs")
+#: Files that use a shared fixture but are a group of their own, so that two long groups run
+#: at once: the worker that takes one builds its own copy of the fixture (federated_case: ~5 s;
+#: test_federated_faults shares none of its cached single-machine runs with the others).
+OWN_GROUP = ("test_federated_faults",)
 #: The longest groups (pytest --durations, summed per group), started first; then the rest
 #: in collection order.
-LONGEST_FIRST = ("federated_case", "test_demo", "pretrained_one", "test_authors_models",
-                 "test_qc_criteria", "test_inference", "script_runs", "test_bad_input")
+LONGEST_FIRST = ("federated_case", "test_federated_faults", "test_demo", "pretrained_one",
+                 "test_authors_models", "test_qc_criteria", "test_inference", "script_runs",
+                 "test_bad_input")
 
 
 def xdist_group(item: pytest.Item) -> str:
     """The group an item runs in under `--dist loadgroup` (module docstring)."""
+    if item.path.stem in OWN_GROUP:
+        return item.path.stem
     names = getattr(item, "fixturenames", ())
     return next((f for f in SHARED_FIXTURES if f in names), item.path.stem)
 
