@@ -278,6 +278,9 @@ class QualityControl:
         self.criterion = criterion or (Rates() if error is None else Rates(error))
         self.revisit = revisit
         self.state = state or QCState(images={s: ImageRecord(c) for s, c in studies.items()})
+        # this run's training images: a resumed federated run may have left a center out,
+        # whose images stay in the state's records but are never drawn for calibration
+        self.present = set(studies)
         self.on_event = on_event or (lambda message: None)
         self.on_warning = on_warning or _to_stderr
         self.cycle = 0
@@ -346,9 +349,10 @@ class QualityControl:
         return self.state.calibration
 
     def _centers(self) -> dict[str, list[str]]:
+        """The images calibration may draw from, by center: this run's, not eliminated."""
         centers: dict[str, list[str]] = {}
         for subject, record in self.state.images.items():
-            if record.eliminated_cycle is None:
+            if record.eliminated_cycle is None and subject in self.present:
                 centers.setdefault(record.study, []).append(subject)
         return centers
 

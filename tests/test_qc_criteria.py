@@ -438,6 +438,38 @@ def test_single_images_are_judged_against_images_of_accepted_batches_calibrated_
     assert model.wrong == frozenset()
 
 
+def test_calibration_never_draws_a_center_the_run_left_out():
+    """A federated run that excludes a faulty center resumes from the state, which keeps its
+    images' records (their history stays in the report), without that center: a single
+    image's calibration then draws only from the centers that remain (a step sent to the
+    excluded center's node, which is gone, stopped the run)."""
+    good = {f"g{i:02d}": 0.1 + i / 10000 for i in range(30)}
+    gone = {f"x{i:02d}": 0.1 for i in range(30)}
+    harmful = {"h00": 5.0, "h01": 5.0, "h02": 5.0}
+    studies = {s: f"G{int(s[1:]) % 3}" for s in good} | dict.fromkeys(gone, "X") \
+        | dict.fromkeys(harmful, "H")
+    model = FakeModel({}, good | gone | harmful)
+    first, _ = spied_trainloss(model, studies, revisit=1)
+    first.calibrate(batch_size=5, seed=0, pretraining=[0.05 + i / 100 for i in range(10)])
+    drawn: list[tuple[str, list[str]]] = []
+
+    def spy(center, ids):
+        drawn.append((center, list(ids)))
+        return model.train(center, ids)
+
+    resumed = QualityControl(spy, model.evaluate, model.snapshot, model.restore,
+                             criterion=TrainLoss(z=3.0, window=50), revisit=1,
+                             studies={s: c for s, c in studies.items() if c != "X"},
+                             state=QCState.from_json(first.state.to_json()))
+    resumed.start_cycle(4)
+    resumed.verify_batch("H", list(harmful))  # flagged: each image alone, a window calibrated
+    assert len(resumed.state.windows["train_loss:image"]) == MIN_WINDOW
+    assert set(resumed.state.images) == set(studies)  # the records stay
+    centers = {center for center, _ in drawn}
+    assert centers == {"G0", "G1", "G2", "H"}
+    assert not any(s in gone for _, ids in drawn for s in ids)
+
+
 def test_calibration_of_held_out_checks_evaluates_each_step_and_restores_it():
     model = DriftingModel({s: 0.001 * i for i, s in enumerate("abcdefgh")}, drift=0.01)
     qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
