@@ -394,9 +394,8 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
             policy.baseline()
             _calibrate(policy, spec, trainer, meta)
     elif federation is not None and federation.left_out:
-        kept = set(train.Subject)
         policy.state.reference = None
-        policy.state.schedule = {c: [s for s in subjects if s in kept]
+        policy.state.schedule = {c: [s for s in subjects if s in policy.present]
                                  for c, subjects in policy.state.schedule.items()}
     out = Path(spec.out)
     run_cycles(spec, trainer, centers_of(train), range(first, spec.cycles.stop), step,
