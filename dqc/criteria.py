@@ -146,6 +146,11 @@ class Criterion:
         with kept images of its center (`witnessed`)."""
         return True
 
+    def confirmation(self) -> "Criterion | None":
+        """The criterion that must confirm an image its revisit found harmful before it is
+        eliminated (`confirmed`); None: the revisit's verdict eliminates."""
+        return None
+
     def log_columns(self) -> list[str]:
         """The paper's nine columns and what this criterion decided on."""
         return LOG_COLUMNS + CRITERION_COLUMNS
@@ -359,9 +364,30 @@ class Witnessed(TrainLoss):
         return False
 
 
+@dataclass(frozen=True)
+class Confirmed(Witnessed):
+    """`witnessed`, but an image its revisit finds harmful again is eliminated only when the
+    validation set confirms it. A batch's own loss cannot tell a harmful center from a small
+    good one that the model has seen little (both are high); whether a step on its images
+    raises the validation loss can (`heldout`: Adam's first moments held out, so that the step
+    follows these images' gradient). The images found harmful again at one center are
+    confirmed together, in batches of the regular size, each check step undone, against a
+    window of the same check on random kept batches, calibrated in each cycle that confirms.
+    Validation passes are spent only there."""
+
+    name: ClassVar[str] = "confirmed"
+    summary: ClassVar[str] = ("witnessed, and an image found harmful again at its revisit is "
+                              "eliminated only if a check step on it (with its center's "
+                              "other such images) raises the validation loss (heldout)")
+
+    def confirmation(self) -> Criterion:
+        return HeldOut(self.z, self.window)
+
+
 #: The criteria by their command-line name.
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
-                                                            HeldOut, Combined, Witnessed)}
+                                                            HeldOut, Combined, Witnessed,
+                                                            Confirmed)}
 
 
 def own_word_criteria() -> list[str]:

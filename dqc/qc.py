@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,8 @@ BCE_EPSILON = 1e-7
 CALIBRATION_STREAM = 7919
 #: The revisit's witnesses' random stream (`QualityControl.witnesses`).
 WITNESS_STREAM = 7927
+#: The confirmation window's calibration stream (`QualityControl.confirmation_window`).
+CONFIRM_STREAM = 7933
 
 
 @dataclass(frozen=True)
@@ -292,17 +294,18 @@ class QualityControl:
 
     # --- bookkeeping -----------------------------------------------------------------------
     def _log(self, subject: str, study: str, ev: Evaluation, verdict: Verdict,
-             train_loss: float | None = None, n_images: int = 0) -> None:
-        """One log row in the criterion's columns; an accepted update becomes the reference
-        and its statistic enters the window of its kind and scale (batches and single
-        images apart: with BatchNorm over one image their statistics have another scale)."""
+             train_loss: float | None = None, n_images: int = 0, adopted: bool = True) -> None:
+        """One log row in the criterion's columns; an accepted update that stays made
+        (`adopted`) becomes the reference and its statistic enters the window of its kind and
+        scale (batches and single images apart: with BatchNorm over one image their
+        statistics have another scale)."""
         row = {"Cycle": self.cycle, "Subject": subject, "Study": study, "ACC": ev.acc,
                "FP": ev.fp, "FN": ev.fn, "PFP": ev.fpr, "PFN": ev.fnr,
                "Ignored": int(verdict.harmful), "VAL_LOSS": ev.loss, "VAL_AUROC": ev.auroc,
                "TRAIN_LOSS": math.nan if train_loss is None else train_loss,
                "STATISTIC": verdict.statistic, "LIMIT": verdict.limit}
         self.state.log.append({k: row[k] for k in self.criterion.log_columns()})
-        if verdict.harmful:
+        if verdict.harmful or not adopted:
             return
         self.state.reference = None if ev is NOT_EVALUATED else ev
         key = self.criterion.window_key(n_images) if n_images else None
@@ -348,19 +351,25 @@ class QualityControl:
                                                  lambda: _draw(centers, n, rng))
         return self.state.calibration
 
-    def _centers(self) -> dict[str, list[str]]:
-        """The images calibration may draw from, by center: this run's, not eliminated."""
+    def _centers(self, skip: Iterable[str] = ()) -> dict[str, list[str]]:
+        """The images calibration may draw from, by center: this run's, not eliminated, not
+        in `skip`."""
+        skip = set(skip)
         centers: dict[str, list[str]] = {}
         for subject, record in self.state.images.items():
-            if record.eliminated_cycle is None and subject in self.present:
+            if record.eliminated_cycle is None and subject in self.present \
+                    and subject not in skip:
                 centers.setdefault(record.study, []).append(subject)
         return centers
 
     def _fill(self, key: str, window: list[float], pretrained: int,
-              draw: Callable[[], tuple[str, list[str]] | None]) -> list[float]:
+              draw: Callable[[], tuple[str, list[str]] | None],
+              criterion: Criterion | None = None) -> list[float]:
         """Calibration steps until `window` holds MIN_WINDOW statistics (at most 3 x
         MIN_WINDOW tries): each `draw()` update (None: that try found none) trained, judged
-        and undone; its cost added to the state's calibration."""
+        (by `criterion`, default the run's) and undone; its cost added to the state's
+        calibration."""
+        criterion = criterion or self.criterion
         start, evaluations = time.perf_counter(), self.evaluations
         cost = self.state.calibration
         source = cost["windows"].setdefault(key, {"pre-training": pretrained, "calibration": 0})
@@ -371,13 +380,13 @@ class QualityControl:
             if drawn is None:
                 continue
             center, ids = drawn
-            check = self._check(center, ids, window)
+            check = self._check(center, ids, window, criterion)
             self.restore(check.before)
             cost["steps"] += 1
             source["calibration"] += 1
             if check.nonfinite:
                 self._warn_nonfinite(check, center, ids, "calibration step left out")
-            window = self.criterion.remember(window, check.verdict.statistic)
+            window = criterion.remember(window, check.verdict.statistic)
         cost["evaluations"] += self.evaluations - evaluations
         cost["seconds"] = round(cost["seconds"] + time.perf_counter() - start, 3)
         return window
@@ -414,6 +423,25 @@ class QualityControl:
             cost["image_cycle"] = self.cycle
         return self.state.windows[key]
 
+    def confirmation_window(self, confirmation: Criterion, due: Iterable[str] = ()
+                            ) -> list[float]:
+        """The window a confirmation is judged against: the confirming criterion's statistic
+        on random kept batches of the regular size (each step undone), calibrated afresh in
+        each cycle that confirms, at that cycle's learning rate and model (seeded by the run's
+        seed and the cycle). Only kept images are drawn (not waiting, not `due` for this
+        cycle's revisit): a suspect's harm would raise the bar."""
+        n = self.state.calibration.get("batch_size", 1)
+        key = confirmation.window_key(n)
+        cost = self.state.calibration
+        if cost.get("confirm_cycle") != self.cycle:
+            rng = np.random.default_rng([cost.get("seed", 0), CALIBRATION_STREAM, self.cycle,
+                                         CONFIRM_STREAM])
+            centers = self._centers(self.waiting() | set(due))
+            self.state.windows[key] = self._fill(key, [], 0, lambda: _draw(centers, n, rng),
+                                                 confirmation)
+            cost["confirm_cycle"] = self.cycle
+        return self.state.windows[key]
+
     def start_cycle(self, cycle: int) -> None:
         """A new cycle begins: its number goes into the log rows and the revisit schedule."""
         self.cycle = cycle
@@ -430,9 +458,11 @@ class QualityControl:
         return [s for s in ids if s not in skip]
 
     # --- the policy ------------------------------------------------------------------------
-    def _nonfinite(self, ev: Evaluation, loss: float, n_images: int) -> tuple[str, ...]:
+    def _nonfinite(self, ev: Evaluation, loss: float, n_images: int,
+                   criterion: Criterion | None = None) -> tuple[str, ...]:
         bad = () if math.isfinite(loss) else (f"training loss {loss}",)
-        if self.criterion.reads_validation_loss(n_images) and not math.isfinite(ev.loss):
+        if (criterion or self.criterion).reads_validation_loss(n_images) \
+                and not math.isfinite(ev.loss):
             bad += (f"validation loss {ev.loss}",)
         return bad
 
@@ -441,22 +471,25 @@ class QualityControl:
         self.on_warning(f"warning: cycle {self.cycle}, center {center}, {what} "
                         f"{', '.join(ids)}: {' and '.join(check.nonfinite)}; {outcome}")
 
-    def _check(self, center: str, ids: list[str], window: Sequence[float]) -> Check:
+    def _check(self, center: str, ids: list[str], window: Sequence[float],
+               criterion: Criterion | None = None) -> Check:
         """Snapshot, train (with the momentum held out where the criterion says), evaluate
-        where it needs it, judge against `window`. The update stays made."""
+        where it needs it, judge against `window` (by `criterion`, default the run's). The
+        update stays made."""
+        criterion = criterion or self.criterion
         n = len(ids)
-        evaluated = self.criterion.needs_evaluation(n)
+        evaluated = criterion.needs_evaluation(n)
         if evaluated and self.state.reference is None:  # stale after unevaluated updates
             self.state.reference = self.evaluate([])
         before = self.snapshot()
-        if self.criterion.holds_out_momentum(n):
+        if criterion.holds_out_momentum(n):
             if self.hold_out_momentum is None:
-                raise ValueError(f"criterion {self.criterion.name} needs hold_out_momentum")
+                raise ValueError(f"criterion {criterion.name} needs hold_out_momentum")
             self.hold_out_momentum()
         loss, acc = self.train(center, ids)
         ev = self.evaluate(ids) if evaluated else NOT_EVALUATED
-        verdict = self.criterion.judge(ev, self.state.reference, n, loss, window)
-        bad = self._nonfinite(ev, loss, n)
+        verdict = criterion.judge(ev, self.state.reference, n, loss, window)
+        bad = self._nonfinite(ev, loss, n, criterion)
         if bad:
             verdict = Verdict(True, verdict.statistic, verdict.limit)
         return Check(before, loss, acc, ev, verdict, bad)
@@ -483,7 +516,7 @@ class QualityControl:
         if check.nonfinite:
             self._warn_nonfinite(check, center, ids, "flagged and undone")
         self._log(subject, center, check.ev, check.verdict, train_loss=check.loss,
-                  n_images=0 if suspect and self._suspects_apart() else n)
+                  n_images=0 if suspect and self._suspects_apart() else n, adopted=keep)
         if check.verdict.harmful or not keep:
             self.restore(check.before)
         return check.verdict.harmful, check.loss, check.acc
@@ -527,17 +560,19 @@ class QualityControl:
                               f"revisit in cycle {self.cycle + self.revisit}")
         return loss, acc
 
-    def witnesses(self, subject: str, due: Sequence[str], rng: np.random.Generator
-                  ) -> list[str]:
-        """The images a suspect is revisited with: up to batch size - 1 kept images of its
-        center (neither eliminated nor waiting for a revisit), drawn at random; where the
-        center has too few, the rest from the suspects revisited with it at that center."""
-        study = self.state.images[subject].study
-        n = self.state.calibration.get("batch_size", 1) - 1
+    def witnesses(self, subjects: Sequence[str], due: Sequence[str], rng: np.random.Generator,
+                  co_suspects: bool = True) -> list[str]:
+        """The images suspects (of one center) are judged with: up to batch size - their
+        number of kept images of their center (neither eliminated nor waiting for a
+        revisit), drawn at random; where the center has too few, the rest from the other
+        suspects revisited at that center (`co_suspects`)."""
+        study = self.state.images[subjects[0]].study
+        n = self.state.calibration.get("batch_size", 1) - len(subjects)
         at_center = [s for s, r in self.state.images.items() if r.study == study]
         picked: list[str] = []
+        others = [s for s in due if s not in subjects and self.state.images[s].study == study]
         for pool in ([s for s in self.select(study, at_center) if s not in due],
-                     [s for s in due if s != subject and self.state.images[s].study == study]):
+                     others if co_suspects else []):
             take = min(n - len(picked), len(pool))
             if take > 0:
                 picked += [pool[i] for i in sorted(rng.choice(len(pool), take, replace=False))]
@@ -552,17 +587,62 @@ class QualityControl:
         alone = self.criterion.retries_alone()
         rng = None if alone else np.random.default_rng(
             [self.state.calibration.get("seed", 0), WITNESS_STREAM, self.cycle])
+        again: list[str] = []
         for subject in due:
             record = self.state.images[subject]
-            ids = [subject] if alone else [subject, *self.witnesses(subject, due, rng)]
+            ids = [subject] if alone else [subject, *self.witnesses([subject], due, rng)]
             if self._try(record.study, ids, subject, suspect=True, keep=alone)[0]:
-                self._flag(subject)
-                record.eliminated_cycle = self.cycle
-                self.on_event(f"cycle {self.cycle}: {subject} ({record.study}) harmful again; "
-                              "eliminated")
+                again.append(subject)
             else:
-                self.on_event(f"cycle {self.cycle}: {subject} ({record.study}) passed its "
-                              "revisit; back in training")
+                self._back(subject, "passed its revisit")
+        confirmation = self.criterion.confirmation()
+        if confirmation is None:
+            for subject in again:
+                self._eliminate(subject, "harmful again")
+            return
+        window = self.confirmation_window(confirmation, due) if again else []
+        for center, ids in self._groups(again):
+            batch = [*ids, *self.witnesses(ids, due, rng, co_suspects=False)]
+            if self._confirm(center, batch, ids, confirmation, window):
+                for subject in ids:
+                    self._eliminate(subject, "harmful again, confirmed")
+            else:
+                for subject in ids:
+                    self._back(subject, "harmful again, not confirmed")
+
+    def _eliminate(self, subject: str, why: str) -> None:
+        record = self._flag(subject)
+        record.eliminated_cycle = self.cycle
+        self.on_event(f"cycle {self.cycle}: {subject} ({record.study}) {why}; eliminated")
+
+    def _back(self, subject: str, why: str) -> None:
+        self.on_event(f"cycle {self.cycle}: {subject} ({self.state.images[subject].study}) "
+                      f"{why}; back in training")
+
+    def _groups(self, subjects: Sequence[str]) -> list[tuple[str, list[str]]]:
+        """The images to confirm by center (in the order met), in chunks of the regular
+        batch size."""
+        n = max(self.state.calibration.get("batch_size", 1), 1)
+        by_center: dict[str, list[str]] = {}
+        for subject in subjects:
+            by_center.setdefault(self.state.images[subject].study, []).append(subject)
+        return [(center, ids[i:i + n]) for center, ids in by_center.items()
+                for i in range(0, len(ids), n)]
+
+    def _confirm(self, center: str, batch: list[str], ids: list[str], confirmation: Criterion,
+                 window: Sequence[float]) -> bool:
+        """One check step on `batch` (the suspects `ids` and kept images of their center
+        where they are fewer than a regular batch) by the confirming criterion against
+        `window` (`confirmation_window`), undone whatever the verdict; one log row per
+        suspect. Returns whether it confirmed harm."""
+        check = self._check(center, batch, window, confirmation)
+        self.restore(check.before)
+        if check.nonfinite:
+            self._warn_nonfinite(check, center, batch, "confirmed harmful")
+        for subject in ids:
+            self._log(subject, center, check.ev, check.verdict, train_loss=check.loss,
+                      adopted=False)
+        return check.verdict.harmful
 
     # --- reporting -------------------------------------------------------------------------
     def status(self, subject: str) -> str:

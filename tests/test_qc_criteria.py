@@ -17,7 +17,7 @@ import pytest
 
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
-                          Witnessed,
+                          Witnessed, Confirmed,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
@@ -185,7 +185,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("rates", {"z": 3.0}, "--z means nothing for --criterion rates (its flags: -error)"),
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
-                  "combined, witnessed, got 'vibes'"),
+                  "combined, witnessed, confirmed, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -195,8 +195,12 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
-        ["counts", "scores", "predictions", "scores", "scores", "scores", "scores"]
-    assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == ["witnessed"]
+        ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores"]
+    assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
+        ["witnessed", "confirmed"]
+    assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
+    assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
+    assert not Confirmed().needs_evaluation(5)
     assert not Witnessed().needs_evaluation(5) and not Witnessed().needs_evaluation(1)
     assert make_criterion("rates").parameters() == {"name": "rates", "error": 0.02}
     assert make_criterion("combined", z=2.5).parameters() == \
@@ -357,6 +361,76 @@ def test_witnesses_are_drawn_with_the_runs_seed():
         qc.revisit_pass()
         draws.append([ids[1:] for ids in trained if ids[0].startswith("m")])
     assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+class LossModel:
+    """A 'model' that is its validation loss: each image's update adds `effect[s]` to it and
+    reports the image's own training loss `own[s]`; `held` counts the check steps taken with
+    the momentum held out, `trained` lists every update (the ids)."""
+
+    def __init__(self, effect: dict[str, float], own: dict[str, float]):
+        self.effect, self.own, self.val, self.held, self.trained = effect, own, 0.3, 0, []
+
+    def train(self, center, ids):
+        self.trained.append(list(ids))
+        self.val += sum(self.effect[s] for s in ids)
+        return float(np.mean([self.own[s] for s in ids])), 1.0
+
+    def evaluate(self, ids):
+        return Evaluation(acc=0.9, fp=0, fn=0, fpr=0.0, fnr=0.0, loss=self.val)
+
+    def snapshot(self):
+        return self.val
+
+    def restore(self, value):
+        self.val = value
+
+    def hold_out_momentum(self):
+        self.held += 1
+
+
+def test_confirmed_eliminates_a_harmful_center_and_spares_a_hard_good_one():
+    """H's images are harmful (a step on them raises the validation loss), S's are good but
+    hard (their own loss as high as H's, a step on them lowers the validation loss): the
+    batch loss flags both and their revisits find both harmful again; the validation check
+    confirms H only. The confirmation's window comes from kept images only, each of its
+    check steps (momentum held out) undone."""
+    good = {f"g{i:02d}": (i % 5 - 2) / 1000 for i in range(20)}  # validation rise -0.002..0.002
+    effect = good | {f"h{i}": 0.05 for i in range(5)} | {f"s{i}": -0.01 for i in range(5)}
+    own = {k: (5.0 if k[0] in "hs" else 0.1) for k in effect}
+    model = LossModel(effect, own)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Confirmed(), revisit=2, studies={s: s[0].upper() for s in own},
+                        hold_out_momentum=model.hold_out_momentum)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=0, pretraining=[0.1 + i / 1000 for i in range(10)])
+    qc.start_cycle(10)
+    for center, ids in [("H", [f"h{i}" for i in range(5)]), ("S", [f"s{i}" for i in range(5)])] \
+            + [("G", list(good)[i:i + 5]) for i in range(0, 20, 5)]:
+        qc.verify_batch(center, ids)
+    assert {s for s in own if qc.status(s) == "pending"} == set(effect) - set(good)
+    assert model.held == 0 and qc.evaluations == 1  # the regular pass: no validation pass
+    val, first = model.val, len(model.trained)
+    qc.start_cycle(12)
+    qc.revisit_pass()
+    assert sorted(qc.eliminated()) == [f"h{i}" for i in range(5)]
+    assert all(qc.status(f"s{i}") == "kept" for i in range(5))
+    assert model.val == val  # every revisit, calibration and confirmation step undone
+    steps = model.trained[first:]
+    revisits, calibration, confirmations = steps[:10], steps[10:-2], steps[-2:]
+    assert [ids[0] for ids in revisits] == [f"h{i}" for i in range(5)] + [f"s{i}" for i in range(5)]
+    assert len(calibration) == MIN_WINDOW and all(set(ids) <= set(good) for ids in calibration)
+    assert confirmations == [[f"h{i}" for i in range(5)], [f"s{i}" for i in range(5)]]
+    assert model.held == MIN_WINDOW + 2  # each confirmation and calibration step held out
+    rows = qc.state.log[-10:]
+    assert [(r["Subject"], r["Ignored"]) for r in rows] == \
+        [(f"h{i}", 1) for i in range(5)] + [(f"s{i}", 0) for i in range(5)]
+    assert rows[0]["STATISTIC"] == pytest.approx(0.25) and rows[-1]["STATISTIC"] == \
+        pytest.approx(-0.05)
+    window = qc.state.windows["check_rise:batch"]
+    assert len(window) == MIN_WINDOW and max(map(abs, window)) <= 0.0101
+    cost = qc.state.calibration["windows"]["check_rise:batch"]
+    assert cost == {"pre-training": 0, "calibration": MIN_WINDOW}
 
 
 # --- cold start: the run calibrates itself before its first decision ---------------------------
