@@ -437,8 +437,9 @@ class QualityControl:
             rng = np.random.default_rng([cost.get("seed", 0), CALIBRATION_STREAM, self.cycle,
                                          CONFIRM_STREAM])
             centers = self._centers(self.waiting() | set(due))
-            self.state.windows[key] = self._fill(key, [], 0, lambda: _draw(centers, n, rng),
-                                                 confirmation)
+            # no kept image at all: the window stays short, and a short window confirms nothing
+            self.state.windows[key] = self._fill(
+                key, [], 0, lambda: _draw(centers, n, rng) if centers else None, confirmation)
             cost["confirm_cycle"] = self.cycle
         return self.state.windows[key]
 

@@ -393,11 +393,13 @@ def test_confirmed_eliminates_a_harmful_center_and_spares_a_hard_good_one():
     """H's images are harmful (a step on them raises the validation loss), S's are good but
     hard (their own loss as high as H's, a step on them lowers the validation loss): the
     batch loss flags both and their revisits find both harmful again; the validation check
-    confirms H only. The confirmation's window comes from kept images only, each of its
-    check steps (momentum held out) undone."""
+    confirms H only. M's one harmful image mx is confirmed in a regular batch with kept
+    images of M (never one of its co-suspects). The confirmation's window comes from kept
+    images only; each check step (momentum held out) is undone."""
     good = {f"g{i:02d}": (i % 5 - 2) / 1000 for i in range(20)}  # validation rise -0.002..0.002
-    effect = good | {f"h{i}": 0.05 for i in range(5)} | {f"s{i}": -0.01 for i in range(5)}
-    own = {k: (5.0 if k[0] in "hs" else 0.1) for k in effect}
+    mixed = {f"m{i}": 0.0 for i in range(9)} | {"mx": 0.05}
+    effect = good | mixed | {f"h{i}": 0.05 for i in range(5)} | {f"s{i}": -0.01 for i in range(5)}
+    own = {k: (5.0 if k[0] in "hs" or k == "mx" else 0.1) for k in effect}
     model = LossModel(effect, own)
     qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
                         criterion=Confirmed(), revisit=2, studies={s: s[0].upper() for s in own},
@@ -405,28 +407,33 @@ def test_confirmed_eliminates_a_harmful_center_and_spares_a_hard_good_one():
     qc.baseline()
     qc.calibrate(batch_size=5, seed=0, pretraining=[0.1 + i / 1000 for i in range(10)])
     qc.start_cycle(10)
-    for center, ids in [("H", [f"h{i}" for i in range(5)]), ("S", [f"s{i}" for i in range(5)])] \
+    for center, ids in [("H", [f"h{i}" for i in range(5)]), ("S", [f"s{i}" for i in range(5)]),
+                        ("M", ["m0", "m1", "m2", "m3", "mx"]), ("M", [f"m{i}" for i in range(4, 9)])] \
             + [("G", list(good)[i:i + 5]) for i in range(0, 20, 5)]:
         qc.verify_batch(center, ids)
-    assert {s for s in own if qc.status(s) == "pending"} == set(effect) - set(good)
+    suspects = [f"h{i}" for i in range(5)] + [f"s{i}" for i in range(5)] + \
+        ["m0", "m1", "m2", "m3", "mx"]
+    assert {s for s in own if qc.status(s) == "pending"} == set(suspects)
     assert model.held == 0 and qc.evaluations == 1  # the regular pass: no validation pass
     val, first = model.val, len(model.trained)
     qc.start_cycle(12)
     qc.revisit_pass()
-    assert sorted(qc.eliminated()) == [f"h{i}" for i in range(5)]
-    assert all(qc.status(f"s{i}") == "kept" for i in range(5))
+    assert sorted(qc.eliminated()) == [f"h{i}" for i in range(5)] + ["mx"]
+    assert all(qc.status(s) == "kept" for s in suspects if s[0] in "sm" and s != "mx")
     assert model.val == val  # every revisit, calibration and confirmation step undone
     steps = model.trained[first:]
-    revisits, calibration, confirmations = steps[:10], steps[10:-2], steps[-2:]
-    assert [ids[0] for ids in revisits] == [f"h{i}" for i in range(5)] + [f"s{i}" for i in range(5)]
-    assert len(calibration) == MIN_WINDOW and all(set(ids) <= set(good) for ids in calibration)
-    assert confirmations == [[f"h{i}" for i in range(5)], [f"s{i}" for i in range(5)]]
-    assert model.held == MIN_WINDOW + 2  # each confirmation and calibration step held out
-    rows = qc.state.log[-10:]
+    revisits, calibration, confirmations = steps[:15], steps[15:-3], steps[-3:]
+    assert [ids[0] for ids in revisits] == suspects
+    kept = set(good) | {f"m{i}" for i in range(4, 9)}
+    assert len(calibration) == MIN_WINDOW and all(set(ids) <= kept for ids in calibration)
+    assert confirmations[:2] == [[f"h{i}" for i in range(5)], [f"s{i}" for i in range(5)]]
+    assert confirmations[2][0] == "mx" and len(confirmations[2]) == 5
+    assert set(confirmations[2][1:]) <= {f"m{i}" for i in range(4, 9)}
+    assert model.held == MIN_WINDOW + 3  # each confirmation and calibration step held out
+    rows = qc.state.log[-11:]
     assert [(r["Subject"], r["Ignored"]) for r in rows] == \
-        [(f"h{i}", 1) for i in range(5)] + [(f"s{i}", 0) for i in range(5)]
-    assert rows[0]["STATISTIC"] == pytest.approx(0.25) and rows[-1]["STATISTIC"] == \
-        pytest.approx(-0.05)
+        [(f"h{i}", 1) for i in range(5)] + [(f"s{i}", 0) for i in range(5)] + [("mx", 1)]
+    assert [rows[i]["STATISTIC"] for i in (0, 5, 10)] == pytest.approx([0.25, -0.05, 0.05])
     window = qc.state.windows["check_rise:batch"]
     assert len(window) == MIN_WINDOW and max(map(abs, window)) <= 0.0101
     cost = qc.state.calibration["windows"]["check_rise:batch"]
@@ -974,3 +981,22 @@ def test_resume_keeps_the_windows_and_the_calibration(federated_case, capsys):
     assert then["windows"]["train_loss:batch"] == first["windows"]["train_loss:batch"]
     assert then["steps"] > first["steps"]
     assert_same_qc_outputs(whole, out, last_cycle=4)  # the summary's calibration too
+
+
+def test_confirmed_without_a_kept_image_confirms_nothing():
+    """Every image of the run is a suspect: there is no kept batch to calibrate the
+    confirmation against, so its window stays short and no image is eliminated."""
+    effect = {f"h{i}": 0.05 for i in range(5)}
+    model = LossModel(effect, {k: 5.0 for k in effect})
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Confirmed(), revisit=2, studies={s: "H" for s in effect},
+                        hold_out_momentum=model.hold_out_momentum)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=0, pretraining=[0.1 + i / 1000 for i in range(10)])
+    qc.start_cycle(10)
+    qc.verify_batch("H", list(effect))
+    qc.start_cycle(12)
+    qc.revisit_pass()
+    assert qc.eliminated() == set() and all(qc.status(s) == "kept" for s in effect)
+    assert qc.state.windows["check_rise:batch"] == []
+    assert [r["Ignored"] for r in qc.state.log[-5:]] == [0] * 5
