@@ -173,17 +173,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    seeds, tuned = _seeds(args.seeds), set(_seeds(args.tuning_seeds))
+def seed_configs(args) -> list[DemoConfig]:
+    """Each seed's demo settings, every one checked before the first seed runs."""
+    seeds = _seeds(args.seeds)
     if not seeds:
         raise DQCError("--seeds: no seed given")
     base = replace(DemoConfig(out=Path(args.out)), **(QUICK if args.quick else {}),
                    verbose=not args.quiet,
                    criteria=tuple(k.strip() for k in args.criteria.split(",") if k.strip()))
     configs = [replace(base, out=seed_folder(args.out, seed), seed=seed) for seed in seeds]
-    for config in configs:  # every setting checked before the first seed runs
+    for config in configs:
         check_config(config)
+    return configs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configs, tuned = seed_configs(args), set(_seeds(args.tuning_seeds))
+    seeds = [c.seed for c in configs]
     for config in configs:
         start = time.perf_counter()
         print(f"[study] seed {config.seed}{' (tuning)' if config.seed in tuned else ''}: "

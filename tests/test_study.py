@@ -76,3 +76,18 @@ def test_markdown_and_plot(study):
     assert "-0.010 [-0.030, +0.010]" in untuned and "3 [2, 4]" in untuned
     assert "10.0% [10.0%, 10.0%]" in tuning and "10.0% [10.0%" not in untuned
     assert (study / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_seed_runs_the_criteria_given_or_the_rules(tmp_path):
+    from dqc.errors import DQCError
+    from dqc.study import parse_args, seed_configs
+
+    default = seed_configs(parse_args(["--out", str(tmp_path)]))
+    assert [c.seed for c in default] == [1, 2, 3, 4, 5]
+    assert all(c.criteria == RULES and c.out == seed_folder(tmp_path, c.seed) for c in default)
+    given = seed_configs(parse_args(["--out", str(tmp_path), "--seeds", "3,4",
+                                     "--criteria", "rates, witnessed,confirmed"]))
+    assert [(c.seed, c.criteria) for c in given] == \
+        [(s, ("rates", "witnessed", "confirmed")) for s in (3, 4)]
+    with pytest.raises(DQCError, match="--criteria: unknown vibes"):
+        seed_configs(parse_args(["--out", str(tmp_path), "--criteria", "rates,vibes"]))
