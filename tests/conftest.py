@@ -261,10 +261,11 @@ SHARED_FIXTURES = ("federated_case", "pretrained_one", "script_runs")
 #: Files that use a shared fixture but are a group of their own, so that two long groups run
 #: at once: the worker that takes one builds its own copy of the fixture (federated_case: ~5 s;
 #: test_federated_faults shares none of its cached single-machine runs with the others).
-OWN_GROUP = ("test_federated_faults",)
+OWN_GROUP = ("test_federated_faults", "test_federated_confirmed")
 #: The longest groups (pytest --durations, summed per group), started first; then the rest
 #: in collection order.
 LONGEST_FIRST = ("federated_case", "test_federated_faults", "test_demo", "pretrained_one",
+                 "test_federated_confirmed",
                  "test_authors_models", "test_qc_criteria", "test_inference", "script_runs",
                  "test_bad_input")
 

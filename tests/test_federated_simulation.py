@@ -13,8 +13,7 @@ images' own window (calibrated before the first decision), where every loss is n
 (BatchNormalization over one image), so which of them are flagged, revisited and eliminated
 is not by construction: only that those come from C04. Counts are lower bounds. The silent
 node's run uses `combined` (each single image's held-out check is
-verified at the centers), continued in Ray after an in-process cycle 3. `confirmed` runs in
-Flower's in-process engine.
+verified at the centers), continued in Ray after an in-process cycle 3.
 """
 
 from __future__ import annotations
@@ -249,33 +248,3 @@ def test_the_servers_report_has_no_pixels_and_each_node_shows_its_own(federated_
             pixels = base64.b64encode(mosaic_png(paths[subject])).decode()
             assert pixels in page and pixels not in server
 
-
-def test_confirmed_gives_one_machines_decisions_with_confirmation_at_the_centers(
-        federated_case: dict):
-    """The recommended criterion across machines (Flower's in-process engine): batches
-    judged by their center's own loss, and an image found harmful again at its revisit
-    confirmed by a held-out check step verified at the centers; the log, the eliminated set
-    and the models are one machine's."""
-    from dqc.federated.__main__ import parse_args
-    from dqc.federated.simulate import simulate
-
-    flags = ("--criterion", "confirmed", "--window", "10")
-    single = federated_case["single"](CYCLES, *flags)
-    out = federated_case["root"] / "confirmed_inprocess"
-    simulate(parse_args(["simulate", *federated_case["common"], "-cycles", str(CYCLES),
-                         *flags, "--out", str(out)]), engine="inprocess")
-    assert_same_qc_outputs(single, out, last_cycle=CYCLES - 1)
-    fed = pd.read_csv(out / "qc.csv")
-    # C04's flipped batch is flagged in cycle 3 (its loss is far above the others': module
-    # docstring); C04 has no kept image, so each revisit in cycle 4 is that batch again and
-    # finds it harmful again; then one check of the four together, verified at the centers
-    c04 = fed[(fed.Study == "C04") & (fed.Cycle == 4)]
-    revisits, confirmation = c04[c04.VAL_LOSS.isna()], c04[c04.VAL_LOSS.notna()]
-    assert len(revisits) == 4 and revisits.Ignored.all()
-    assert list(confirmation.Subject) == list(revisits.Subject)
-    assert confirmation.STATISTIC.nunique() == 1 and confirmation.LIMIT.notna().all()
-    confirmed = confirmation.STATISTIC > confirmation.LIMIT + 1e-9
-    assert (confirmation.Ignored == confirmed.astype(int)).all()
-    images = pd.read_csv(out / "qc_images.csv")
-    assert set(images.Subject[images.eliminated == 1]) == \
-        set(confirmation.Subject[confirmed])
