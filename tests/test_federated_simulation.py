@@ -247,4 +247,3 @@ def test_the_servers_report_has_no_pixels_and_each_node_shows_its_own(federated_
         for subject in mine.Subject:
             pixels = base64.b64encode(mosaic_png(paths[subject])).decode()
             assert pixels in page and pixels not in server
-
