@@ -85,6 +85,18 @@ def robust_limit(window: Sequence[float], z: float) -> float:
     return median + z * MAD_TO_SD * mad
 
 
+def at_least(verdict: Verdict, floor: float | None) -> Verdict:
+    """`verdict` against the larger of its limit and `floor` (None: no floor). A revisit
+    judged under `anchored` gets the limit its image's flag exceeded as the floor, so that a
+    window that fell while the image waited does not by itself make it harmful again. A
+    non-finite statistic stays harmful; a verdict with no limit (a short window) stays as it
+    is."""
+    if floor is None or not math.isfinite(verdict.statistic) or not math.isfinite(verdict.limit) \
+            or floor <= verdict.limit:
+        return verdict
+    return Verdict(verdict.statistic > floor + TOLERANCE, verdict.statistic, floor)
+
+
 def self_set_verdict(statistic: float, window: Sequence[float], z: float) -> Verdict:
     """Harmful when the statistic is a high outlier among the run's accepted ones (`window`).
 
@@ -145,6 +157,11 @@ class Criterion:
         policy), rather than all flagged and confirmed at their revisit, each in a batch
         with kept images of its center (`witnessed`)."""
         return True
+
+    def anchors_revisit(self) -> bool:
+        """Whether a revisit is judged against at least the limit its image's flag exceeded
+        (`at_least`)."""
+        return False
 
     def confirmation(self) -> "Criterion | None":
         """The criterion that must confirm an image its revisit found harmful before it is
@@ -384,10 +401,25 @@ class Confirmed(Witnessed):
         return HeldOut(self.z, self.window)
 
 
+@dataclass(frozen=True)
+class Anchored(Witnessed):
+    """`witnessed`, but a revisit is judged against the larger of the batches' limit now and
+    the limit its image's flag exceeded. The window follows the training loss down while an
+    image waits R cycles unseen; judged against that lower limit, a good image the model has
+    not trained on since is harmful again for having waited (`at_least`)."""
+
+    name: ClassVar[str] = "anchored"
+    summary: ClassVar[str] = ("witnessed, and a revisit is judged against at least the limit "
+                              "its image's flag exceeded (the window falls while it waits)")
+
+    def anchors_revisit(self) -> bool:
+        return True
+
+
 #: The criteria by their command-line name.
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
                                                             HeldOut, Combined, Witnessed,
-                                                            Confirmed)}
+                                                            Confirmed, Anchored)}
 
 
 def own_word_criteria() -> list[str]:

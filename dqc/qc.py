@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from dqc.criteria import (LOG_COLUMNS, MIN_WINDOW, PRETRAINING_WINDOW,  # noqa: F401
-                          TOLERANCE, Criterion, Rates, Verdict, per_image_tolerance_problems,
-                          rates_verdict)  # LOG_COLUMNS, TOLERANCE, per_image_...: re-exported
+                          TOLERANCE, Criterion, Rates, Verdict, at_least,
+                          per_image_tolerance_problems, rates_verdict)  # LOG_COLUMNS, TOLERANCE, per_image_...: re-exported
 from dqc.errors import DQCError
 
 #: Keras clips predicted probabilities to [eps, 1 - eps] in binary cross-entropy.
@@ -170,6 +170,7 @@ class ImageRecord:
     first_flagged_cycle: int | None = None
     revisit_cycle: int | None = None
     eliminated_cycle: int | None = None
+    flagged_limit: float | None = None  # the limit its last flag exceeded (`anchored`)
 
 
 @dataclass
@@ -473,10 +474,10 @@ class QualityControl:
                         f"{', '.join(ids)}: {' and '.join(check.nonfinite)}; {outcome}")
 
     def _check(self, center: str, ids: list[str], window: Sequence[float],
-               criterion: Criterion | None = None) -> Check:
+               criterion: Criterion | None = None, floor: float | None = None) -> Check:
         """Snapshot, train (with the momentum held out where the criterion says), evaluate
-        where it needs it, judge against `window` (by `criterion`, default the run's). The
-        update stays made."""
+        where it needs it, judge against `window` (by `criterion`, default the run's; with
+        a `floor` under its limit, `at_least`). The update stays made."""
         criterion = criterion or self.criterion
         n = len(ids)
         evaluated = criterion.needs_evaluation(n)
@@ -489,23 +490,24 @@ class QualityControl:
             self.hold_out_momentum()
         loss, acc = self.train(center, ids)
         ev = self.evaluate(ids) if evaluated else NOT_EVALUATED
-        verdict = criterion.judge(ev, self.state.reference, n, loss, window)
+        verdict = at_least(criterion.judge(ev, self.state.reference, n, loss, window), floor)
         bad = self._nonfinite(ev, loss, n, criterion)
         if bad:
             verdict = Verdict(True, verdict.statistic, verdict.limit)
         return Check(before, loss, acc, ev, verdict, bad)
 
     def _try(self, center: str, ids: list[str], subject: str, suspect: bool = False,
-             keep: bool = True) -> tuple[bool, float, float]:
-        """Check, log; undo if harmful (and, unless `keep`, if harmless too). Returns
-        (harmful, loss, acc). A `suspect` (one image retried from a flagged batch, or
-        revisited) alone is judged against `image_window`, with its witnesses against the
-        batches' window; its statistic enters no window."""
+             keep: bool = True, floor: float | None = None) -> Check:
+        """Check, log; undo if harmful (and, unless `keep`, if harmless too). Returns the
+        check (its verdict, loss and accuracy). A `suspect` (one image retried from a flagged
+        batch, or revisited) alone is judged against `image_window`, with its witnesses
+        against the batches' window (and at least `floor`); its statistic enters no
+        window."""
         n = len(ids)
         key = self.criterion.window_key(n)
         window = self.image_window() if suspect and n == 1 else \
             (self.state.windows.get(key, []) if key else [])
-        check = self._check(center, ids, window)
+        check = self._check(center, ids, window, floor=floor)
         if self.criterion.holds_out_momentum(n) and not check.verdict.harmful:
             self.restore(check.before)  # keep the ordinary step, with its momentum
             loss, acc = self.train(center, ids)
@@ -520,7 +522,7 @@ class QualityControl:
                   n_images=0 if suspect and self._suspects_apart() else n, adopted=keep)
         if check.verdict.harmful or not keep:
             self.restore(check.before)
-        return check.verdict.harmful, check.loss, check.acc
+        return check
 
     def _suspects_apart(self) -> bool:
         """Suspects stay out of the windows where batches hold several images (with one
@@ -534,29 +536,33 @@ class QualityControl:
             record.first_flagged_cycle = self.cycle
         return record
 
-    def _suspect(self, subject: str) -> None:
-        """Flag an image and schedule its revisit in R cycles (it leaves the regular pass)."""
+    def _suspect(self, subject: str, verdict: Verdict) -> None:
+        """Flag an image (remembering the limit its `verdict` exceeded) and schedule its
+        revisit in R cycles (it leaves the regular pass)."""
         record = self._flag(subject)
+        record.flagged_limit = verdict.limit if math.isfinite(verdict.limit) else None
         record.revisit_cycle = self.cycle + self.revisit
         self.state.schedule.setdefault(record.revisit_cycle, []).append(subject)
 
     def verify_batch(self, center: str, ids: list[str]) -> tuple[float, float]:
         """Regular pass: keep a harmless batch; else retry each image alone, flag the harmful
         (a criterion that confirms at the revisit instead flags them all)."""
-        harmful, loss, acc = self._try(center, ids, "batch")
-        if not harmful:
+        check = self._try(center, ids, "batch")
+        loss, acc = check.loss, check.acc
+        if not check.verdict.harmful:
             return loss, acc
         if not self.criterion.retries_alone():
             for subject in ids:
-                self._suspect(subject)
+                self._suspect(subject, check.verdict)
             self.on_event(f"cycle {self.cycle}: batch of {len(ids)} at {center} flagged; its "
                           f"images wait for their revisit in cycle {self.cycle + self.revisit}")
             return loss, acc
         self.on_event(f"cycle {self.cycle}: batch of {len(ids)} at {center} flagged; "
                       "checking its images one by one")
         for subject in ids:
-            if self._try(center, [subject], subject, suspect=True)[0]:
-                self._suspect(subject)
+            alone = self._try(center, [subject], subject, suspect=True)
+            if alone.verdict.harmful:
+                self._suspect(subject, alone.verdict)
                 self.on_event(f"cycle {self.cycle}: {subject} ({center}) harmful; "
                               f"revisit in cycle {self.cycle + self.revisit}")
         return loss, acc
@@ -592,7 +598,9 @@ class QualityControl:
         for subject in due:
             record = self.state.images[subject]
             ids = [subject] if alone else [subject, *self.witnesses([subject], due, rng)]
-            if self._try(record.study, ids, subject, suspect=True, keep=alone)[0]:
+            floor = record.flagged_limit if self.criterion.anchors_revisit() else None
+            if self._try(record.study, ids, subject, suspect=True, keep=alone,
+                         floor=floor).verdict.harmful:
                 again.append(subject)
             else:
                 self._back(subject, "passed its revisit")

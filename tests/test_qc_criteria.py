@@ -17,7 +17,7 @@ import pytest
 
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
-                          Witnessed, Confirmed,
+                          Witnessed, Confirmed, Anchored, Verdict, at_least,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
@@ -185,7 +185,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("rates", {"z": 3.0}, "--z means nothing for --criterion rates (its flags: -error)"),
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
-                  "combined, witnessed, confirmed, got 'vibes'"),
+                  "combined, witnessed, confirmed, anchored, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -195,9 +195,11 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
-        ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores"]
+        ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores",
+         "scores"]
     assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
-        ["witnessed", "confirmed"]
+        ["witnessed", "confirmed", "anchored"]
+    assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == ["anchored"]
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)
@@ -361,6 +363,65 @@ def test_witnesses_are_drawn_with_the_runs_seed():
         qc.revisit_pass()
         draws.append([ids[1:] for ids in trained if ids[0].startswith("m")])
     assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+def test_at_least_raises_the_limit_to_the_floor_only():
+    assert at_least(Verdict(True, 0.5, 0.2), 0.6) == Verdict(False, 0.5, 0.6)
+    assert at_least(Verdict(True, 0.7, 0.2), 0.6) == Verdict(True, 0.7, 0.6)
+    assert at_least(Verdict(True, 0.5, 0.2), 0.1) == Verdict(True, 0.5, 0.2)  # floor below
+    assert at_least(Verdict(True, 0.5, 0.2), None) == Verdict(True, 0.5, 0.2)
+    assert at_least(Verdict(False, 0.5), 0.6) == Verdict(False, 0.5)  # a short window
+    nan = at_least(Verdict(True, math.nan, 0.2), 0.6)
+    assert nan.harmful and nan.limit == 0.2  # a non-finite statistic stays harmful
+
+
+def anchored_run(criterion) -> tuple[QualityControl, float]:
+    """Cycle 10 flags P's slow batch (own loss 1.2, above the pre-training's window of ~1.0)
+    and H's harmful one (9.0); then ten kept batches at ~0.1 bring the window down. At the
+    revisit in cycle 12 each p image with four kept images of P (own 0.1) has loss 0.32:
+    above the window's limit now, below the limit its flag exceeded. Returns the policy and
+    that flag-time limit."""
+    losses = {f"p{i}": 1.2 for i in range(5)} | {f"q{i}": 0.1 for i in range(5)} | \
+        {f"h{i}": 9.0 for i in range(5)} | {f"g{i:02d}": 0.1 + i / 1000 for i in range(50)}
+    model = FakeModel({}, losses)
+    studies = {s: ("P" if s[0] in "pq" else s[0].upper()) for s in losses}
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=criterion, revisit=2, studies=studies)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=0, pretraining=[1.0 + i / 1000 for i in range(10)])
+    qc.start_cycle(10)
+    qc.verify_batch("P", [f"p{i}" for i in range(5)])
+    flag_limit = qc.state.log[-1]["LIMIT"]
+    qc.verify_batch("H", [f"h{i}" for i in range(5)])
+    qc.verify_batch("P", [f"q{i}" for i in range(5)])
+    for i in range(0, 50, 5):
+        qc.verify_batch("G", [f"g{j:02d}" for j in range(i, i + 5)])
+    qc.start_cycle(12)
+    qc.revisit_pass()
+    return qc, flag_limit
+
+
+def test_anchored_judges_a_revisit_against_at_least_the_limit_its_flag_exceeded():
+    """The same run under `witnessed` and `anchored`: both eliminate the harmful center H;
+    only `witnessed` eliminates P's slow images, whose revisit is a high outlier only against
+    the window that fell while they waited."""
+    harmful, slow = {f"h{i}" for i in range(5)}, {f"p{i}" for i in range(5)}
+    witnessed, _ = anchored_run(Witnessed(window=10))
+    anchored, flag_limit = anchored_run(Anchored(window=10))
+    assert flag_limit == pytest.approx(1.0045 + 3 * 1.4826 * 0.0025)
+    assert witnessed.eliminated() == harmful | slow
+    assert anchored.eliminated() == harmful
+    assert all(anchored.status(s) == "kept" for s in slow)
+    rows = {r["Subject"]: r for r in anchored.state.log if r["Cycle"] == 12}
+    now = {r["Subject"]: r for r in witnessed.state.log if r["Cycle"] == 12}
+    for s in slow:
+        assert rows[s]["STATISTIC"] == pytest.approx(0.32) == now[s]["STATISTIC"]
+        assert now[s]["LIMIT"] < 0.2 and now[s]["Ignored"] == 1
+        assert rows[s]["LIMIT"] == flag_limit and rows[s]["Ignored"] == 0
+        assert anchored.state.images[s].flagged_limit == flag_limit
+    assert all(rows[h]["Ignored"] == 1 and rows[h]["STATISTIC"] == 9.0 for h in harmful)
+    state = QCState.from_json(json.loads(json.dumps(anchored.state.to_json())))
+    assert state.images["p0"].flagged_limit == flag_limit  # a resumed run floors the same
 
 
 class LossModel:
