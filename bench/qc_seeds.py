@@ -1,6 +1,6 @@
 """The demo's QC measurement on a few scenarios and criteria, per cohort seed, in one table.
 
-    python bench/qc_seeds.py --out qc_seeds --seeds 1,2,3,4 --criteria witnessed --scenarios A,C
+    python bench/qc_seeds.py --out qc_seeds --seeds 1,2 --criteria witnessed,anchored --scenarios A,C
 
 A benchmark, not a test, and the cheap part of `make study` (docs/study.md): for each seed it
 runs the demo's stages (`dqc.demo.Stages`, full-size settings, each stage reused when done)
@@ -22,7 +22,7 @@ from dqc.runtime import quiet_tensorflow_import
 
 quiet_tensorflow_import()
 
-from dqc import checkpoint  # noqa: E402  (TensorFlow, quiet)
+from dqc import checkpoint, defaults  # noqa: E402  (TensorFlow, quiet)
 from dqc.demo import DemoConfig, Stages, without_harm  # noqa: E402
 from dqc.io import write_csv  # noqa: E402
 from dqc.report import auroc, detection_row, finding_cycles, mean_seconds, qc_result  # noqa
@@ -73,7 +73,8 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="qc_seeds", help="folder: one demo folder per seed")
     p.add_argument("--seeds", default="1,2,3,4", help="cohort seeds, comma-separated")
-    p.add_argument("--criteria", default="witnessed", help="QC criteria, comma-separated")
+    p.add_argument("--criteria", default=defaults.RECOMMENDED_CRITERION,
+                   help="QC criteria, comma-separated (default: the recommended one)")
     p.add_argument("--scenarios", default="A,C", help="demo scenarios (A, B, C)")
     args = p.parse_args(argv)
     out = Path(args.out)
