@@ -1,6 +1,6 @@
 """The demo's QC measurement on a few scenarios and criteria, per cohort seed, in one table.
 
-    python bench/qc_seeds.py --out qc_seeds --seeds 1,2 --criteria witnessed,anchored --scenarios A,C
+    python bench/qc_seeds.py --out qc_seeds --seeds 1,2 --criteria anchored --scenarios A,C
 
 A benchmark, not a test, and the cheap part of `make study` (docs/study.md): for each seed it
 runs the demo's stages (`dqc.demo.Stages`, full-size settings, each stage reused when done)

@@ -16,9 +16,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+# LOG_COLUMNS, TOLERANCE and per_image_tolerance_problems: re-exported
 from dqc.criteria import (LOG_COLUMNS, MIN_WINDOW, PRETRAINING_WINDOW,  # noqa: F401
                           TOLERANCE, Criterion, Rates, Verdict, at_least,
-                          per_image_tolerance_problems, rates_verdict)  # LOG_COLUMNS, TOLERANCE, per_image_...: re-exported
+                          per_image_tolerance_problems, rates_verdict)
 from dqc.errors import DQCError
 
 #: Keras clips predicted probabilities to [eps, 1 - eps] in binary cross-entropy.

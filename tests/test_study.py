@@ -85,7 +85,8 @@ def test_each_seed_runs_the_criteria_given_or_the_rules(tmp_path):
     default = seed_configs(parse_args(["--out", str(tmp_path)]))
     assert [c.seed for c in default] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert RULES == ("rates", "anchored")
-    assert all(c.criteria == ("rates", "anchored", "witnessed") and c.out == seed_folder(tmp_path, c.seed)
+    assert all(c.criteria == ("rates", "anchored", "witnessed")
+               and c.out == seed_folder(tmp_path, c.seed)
                for c in default)
     given = seed_configs(parse_args(["--out", str(tmp_path), "--seeds", "3,4",
                                      "--criteria", "rates, witnessed,confirmed"]))
