@@ -63,7 +63,7 @@ def test_mcnemar_needs_the_same_images():
 # --- validation loss ---------------------------------------------------------------------------
 
 def test_loss_statistic_is_the_rise_per_image_and_reads_the_loss_only():
-    rule = Loss()
+    rule = Loss(z=3.0)
     ref = Evaluation(0, 0, 0, 0, 0, loss=0.5)
     window = [0.001 * i for i in range(-5, 5)]  # median -0.0005, MAD 0.0025
     limit = robust_limit(window, 3.0)
@@ -406,8 +406,8 @@ def test_anchored_judges_a_revisit_against_at_least_the_limit_its_flag_exceeded(
     only `witnessed` eliminates P's slow images, whose revisit is a high outlier only against
     the window that fell while they waited."""
     harmful, slow = {f"h{i}" for i in range(5)}, {f"p{i}" for i in range(5)}
-    witnessed, _ = anchored_run(Witnessed(window=10))
-    anchored, flag_limit = anchored_run(Anchored(window=10))
+    witnessed, _ = anchored_run(Witnessed(z=3.0, window=10))
+    anchored, flag_limit = anchored_run(Anchored(z=3.0, window=10))
     assert flag_limit == pytest.approx(1.0045 + 3 * 1.4826 * 0.0025)
     assert witnessed.eliminated() == harmful | slow
     assert anchored.eliminated() == harmful
@@ -765,7 +765,7 @@ def test_the_flower_app_lists_each_criterion_parameter_at_its_default():
     names = ("error", "alpha", "z", "window")
     shown = {line.split(" ")[0]: float(line.rstrip().rsplit("(", 1)[1].rstrip(")"))
              for line in text.splitlines() if line.split(" ")[0] in names and " = " in line}
-    assert shown == {"error": 0.02, "alpha": 0.05, "z": 3.0, "window": 50}
+    assert shown == {"error": 0.02, "alpha": 0.05, "z": 4.0, "window": 50}
     assert {k: config[k] for k in names} == dict.fromkeys(names, "")
 
 
@@ -834,7 +834,7 @@ def test_script_log_columns_per_criterion(federated_case, capsys):
     assert decided.LIMIT.notna().all()
     assert (decided.Ignored == (decided.STATISTIC > decided.LIMIT + 1e-9).astype(int)).all()
     summary = json.loads((out / "qc_summary.json").read_text())
-    assert summary["criterion"] == {"name": "loss", "z": 3.0, "window": 50}
+    assert summary["criterion"] == {"name": "loss", "z": 4.0, "window": 50}
     cost = summary["calibration"]
     assert cost["windows"]["val_rise:batch"] == {"pre-training": 0, "calibration": 10}
     # single images: calibrated in the cycle that judged one alone (each calibration batch
@@ -882,7 +882,7 @@ CHECKS = [0.0001 * i for i in range(-5, 6)]
 
 def test_heldout_judges_the_candidate_without_the_momentum_drift():
     model = DriftingModel({"good": -0.001, "bad": 0.002}, drift=0.01)
-    qc = policy(model, HeldOut(), ["good", "bad"], hold_out_momentum=model.hold_out)
+    qc = policy(model, HeldOut(z=3.0), ["good", "bad"], hold_out_momentum=model.hold_out)
     qc.state.windows = {"check_rise:image": list(CHECKS)}
     qc.verify_batch("A", ["good"])
     # accepted on its own effect (-0.001 under the limit), then made as the ordinary step: the
@@ -927,7 +927,7 @@ def test_trainer_holds_out_adams_first_moments_only():
 
 
 def combined_policy(model, studies: str) -> QualityControl:
-    qc = policy(model, Combined(), studies, hold_out_momentum=model.hold_out)
+    qc = policy(model, Combined(z=3.0), studies, hold_out_momentum=model.hold_out)
     qc.state.windows = {"train_loss:batch": [0.1 + i / 1000 for i in range(20)],
                         "check_rise:image": list(CHECKS)}
     return qc
