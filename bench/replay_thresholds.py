@@ -1,77 +1,91 @@
-"""Replay the batch-loss decisions of a `witnessed` (or `trainloss`) QC log under other
-self-set thresholds, offline: which regular batches and which revisits each rule would flag.
+"""Replay the batch-loss decisions of a `witnessed` or `anchored` QC run under other values of
+z, offline: which images each z would have eliminated.
 
-    python bench/replay_thresholds.py study_out/seed_1/qc_A_witnessed study_out/seed_1/qc_C_witnessed
+    python bench/replay_thresholds.py --z 3,4,5 study_out/seed_1/qc_A_anchored study_out/seed_1/qc_C_anchored
 
-An analysis aid, not a test and not a run: the log's trajectory is taken as it was (a batch the
-replayed rule would have kept but the run undid still counts as kept, and the other way round),
-and the window starts from the log's first 10 kept batch losses (the pre-training's are not in
-the log). With the run's own rule (z = 3, linear) it gives back the run's decisions. Harmful:
-the images the run's `qc_images.csv` marks; a batch is harmful when its center holds more than
-10 harmful images (a whole harmful center). Use it only on tuning seeds.
+An analysis aid for tuning seeds, not a test and not a run. The run's trajectory is taken as
+it was: the same batches in the same order with the same losses (a batch the replayed z would
+have kept but the run undid still counts as kept, so that the model it trains is not replayed).
+The window starts from the pre-training's saved batch losses (`<seed>/clean/tm_state_*.npz`,
+as the run does) or, without them, from the log's first 10 kept batch losses. A revisit counts
+only when a batch of its image's center was flagged under the replayed z in the cycle that
+first flagged the image; under `anchored` its floor is the replayed limit of that batch. With
+the run's own z it gives back the run's eliminations. Harmful: what `qc_images.csv` marks.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import statistics
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from dqc.criteria import MIN_WINDOW, robust_limit
+from dqc.criteria import MAD_TO_SD, MIN_WINDOW, TOLERANCE, make_criterion
 from dqc.defaults import WINDOW
 
-#: The rules replayed: (z, whether the robust z-score is taken of the log of the loss).
-RULES = ((3.0, False), (4.0, False), (3.0, True), (4.0, True))
+
+def pretraining_window(run: Path, first_cycle: int) -> list[float]:
+    """The batch losses the pre-training's last state kept (the run's cold start), or []."""
+    state = run.parent / "clean" / f"tm_state_{first_cycle - 1:03d}.npz"
+    if not state.is_file():
+        return []
+    with np.load(state, allow_pickle=False) as data:
+        return list(json.loads(str(data["meta"])).get("batch_losses", ()))
 
 
-def replay(log: pd.DataFrame, z: float, log_scale: bool, window: int = WINDOW) -> pd.DataFrame:
-    """Each regular batch and revisit of `log` (in order) with whether the rule flags it;
-    kept batches enter the window."""
-    f = math.log if log_scale else float
-    rows = log[(log.Cycle > 0) & log.VAL_LOSS.isna()]
-    kept = [f(x) for x in rows[(rows.Subject == "batch") & (rows.Ignored == 0)].TRAIN_LOSS]
-    values, out = kept[:MIN_WINDOW], []
-    for row in rows.itertuples():
-        flagged = f(row.TRAIN_LOSS) > robust_limit(values[-window:], z)
-        out.append({"cycle": row.Cycle, "revisit": row.Subject != "batch", "study": row.Study,
-                    "subject": row.Subject, "flagged": flagged})
-        if row.Subject == "batch" and not flagged:
-            values.append(f(row.TRAIN_LOSS))
-    return pd.DataFrame(out)
+def _centre_spread(window: list[float]) -> tuple[float, float]:
+    median = statistics.median(window)
+    return median, MAD_TO_SD * statistics.median(abs(x - median) for x in window)
 
 
-def summary(folder: Path) -> list[dict]:
-    """One row per rule: flagged good and harmful batches, and revisits found harmful again."""
-    log = pd.read_csv(folder / "qc.csv")
-    images = pd.read_csv(folder / "qc_images.csv")
-    harmful = set(images.Subject[images.Harmful == 1])
-    counts = images[images.Harmful == 1].Study.value_counts()
-    whole = set(counts[counts > 10].index)
-    rows = []
-    for z, log_scale in RULES:
-        d = replay(log, z, log_scale)
-        batches, revisits = d[~d.revisit], d[d.revisit]
-        bad_batch, bad_image = batches.study.isin(whole), revisits.subject.isin(harmful)
-        rows.append({"run": f"{folder.parent.name}/{folder.name}", "z": z, "log scale": log_scale,
-                     "good batches flagged": f"{batches.flagged[~bad_batch].sum()}/"
-                                             f"{(~bad_batch).sum()}",
-                     "harmful batches flagged": f"{batches.flagged[bad_batch].sum()}/"
-                                                f"{bad_batch.sum()}",
-                     "good revisits flagged": f"{revisits.flagged[~bad_image].sum()}/"
-                                              f"{(~bad_image).sum()}",
-                     "harmful revisits flagged": f"{revisits.flagged[bad_image].sum()}/"
-                                                 f"{bad_image.sum()}"})
-    return rows
+def replay(run: Path, z: float) -> dict:
+    """The images of `run` the replayed z eliminates, harmful and good, and how many each."""
+    log = pd.read_csv(run / "qc.csv")
+    images = pd.read_csv(run / "qc_images.csv").set_index("Subject")
+    anchored = make_criterion(json.loads((run / "qc_summary.json").read_text())
+                              ["criterion"]["name"]).anchors_revisit()
+    log = log[(log.Cycle > 0) & log.VAL_LOSS.isna()]
+    batches = log[log.Subject == "batch"]
+    window = pretraining_window(run, int(log.Cycle.min())) \
+        or batches[batches.Ignored == 0].STATISTIC.tolist()[:MIN_WINDOW]
+    window = window[-WINDOW:]
+    flag_limits: dict[tuple[int, str], float] = {}  # (cycle, center) -> highest limit exceeded
+    eliminated = {0: 0, 1: 0}
+    for cycle, rows in log.groupby("Cycle", sort=True):
+        for row in rows[rows.Subject == "batch"].itertuples():
+            median, spread = _centre_spread(window)
+            limit = median + z * spread
+            if row.STATISTIC > limit + TOLERANCE:
+                key = (cycle, row.Study)
+                flag_limits[key] = max(flag_limits.get(key, limit), limit)
+            else:
+                window = (window + [row.STATISTIC])[-WINDOW:]
+        for row in rows[rows.Subject != "batch"].itertuples():
+            floor = flag_limits.get((images.loc[row.Subject, "first_flagged_cycle"], row.Study))
+            if floor is None:
+                continue  # its batch was not flagged under this z
+            median, spread = _centre_spread(window)
+            limit = max(median + z * spread, floor) if anchored else median + z * spread
+            if row.STATISTIC > limit + TOLERANCE:
+                eliminated[int(images.loc[row.Subject, "Harmful"])] += 1
+    n_harmful = int(images.Harmful.sum())
+    return {"run": f"{run.parent.name}/{run.name}", "z": z,
+            "harmful eliminated": f"{eliminated[1]}/{n_harmful}",
+            "good eliminated": f"{eliminated[0]}/{len(images) - n_harmful}"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="QC run folders (qc.csv, qc_images.csv)")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="QC run folders (qc.csv, qc_images.csv, qc_summary.json)")
+    p.add_argument("--z", default="3,4,4.5,5,6", help="the values of z to replay, "
+                   "comma-separated (default: 3,4,4.5,5,6)")
     args = p.parse_args()
-    rows = [row for folder in args.runs for row in summary(folder)]
+    rows = [replay(run, float(z)) for run in args.runs for z in args.z.split(",")]
     print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
     for row in rows:
         print("| " + " | ".join(str(v) for v in row.values()) + " |")
