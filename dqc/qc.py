@@ -218,10 +218,13 @@ def _draw(centers: dict[str, list[str]], n: int, rng: np.random.Generator
 
 
 def describe_calibration(calibration: dict) -> str:
-    """The calibration's cost in one line (stderr and the run's summary say it)."""
+    """The calibration's cost in one line (stderr and the run's summary say it); a run whose
+    windows all came from the pre-training says that it needed none."""
     windows = "; ".join(f"{key}: {v['pre-training']} from the pre-training, "
                         f"{v['calibration']} calibration steps"
                         for key, v in calibration.get("windows", {}).items())
+    if windows and not calibration.get("steps") and not calibration.get("evaluations"):
+        return f"calibration: none needed ({windows})"
     return (f"calibration: {calibration.get('steps', 0)} steps (each undone), "
             f"{calibration.get('evaluations', 0)} evaluations, "
             f"{calibration.get('seconds', 0.0):.1f} s ({windows or 'no window'})")

@@ -21,7 +21,8 @@ from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
-from dqc.qc import Evaluation, QCState, QualityControl, evaluate_predictions
+from dqc.qc import (Evaluation, QCState, QualityControl, describe_calibration,
+                    evaluate_predictions)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = "000000111111"
@@ -641,6 +642,20 @@ def test_the_paper_rule_needs_no_calibration():
     qc.verify_batch("A", ["a", "b"])
     assert qc.state.windows == {} and qc.image_window() == []
 
+
+
+def test_the_calibration_line_says_none_was_needed_when_the_pre_training_seeded_it():
+    model = FakeModel({})
+    qc = policy(model, TrainLoss(window=10), "ab")
+    seeded = qc.calibrate(batch_size=5, seed=0, pretraining=[0.1 + 0.01 * i for i in range(12)])
+    assert describe_calibration(seeded) == (
+        "calibration: none needed (train_loss:batch: 10 from the pre-training, 0 calibration "
+        "steps)")
+    paid = {"steps": 10, "evaluations": 0, "seconds": 1.25,
+            "windows": {"train_loss:batch": {"pre-training": 0, "calibration": 10}}}
+    assert describe_calibration(paid) == (
+        "calibration: 10 steps (each undone), 0 evaluations, 1.2 s (train_loss:batch: 0 from "
+        "the pre-training, 10 calibration steps)")
 
 # --- non-finite is never harmless ----------------------------------------------------------------
 
