@@ -91,6 +91,17 @@ def test_the_step_check_finds_drift() -> None:
         "tqdm>=4 is declared but not pinned"]
 
 
+@pytest.mark.parametrize("machine, wanted", [("x86_64", "tensorflow-cpu"),
+                                              ("AMD64", "tensorflow-cpu"),
+                                              ("aarch64", "tensorflow"), ("arm64", "tensorflow")])
+def test_exactly_one_tensorflow_installs_on_each_machine(machine: str, wanted: str) -> None:
+    """tensorflow-cpu has x86-64 wheels only: elsewhere the tensorflow wheel, in both files."""
+    for found in (_declared(), _pinned_file("requirements.txt")):
+        chosen = [name for name, req in found.items() if name.startswith("tensorflow")
+                  and (req.marker is None or req.marker.evaluate({"platform_machine": machine}))]
+        assert chosen == [wanted]
+
+
 def test_every_command_is_declared() -> None:
     scripts = PYPROJECT["project"]["scripts"]
     assert tuple(scripts) == COMMANDS
