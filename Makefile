@@ -83,7 +83,7 @@ test-deploy: setup
 demo: setup
 	$(PY) -m dqc.demo --out $(DEMO_OUT)
 
-# The demo's scenarios over cohort seeds (docs/study.md): a benchmark, hours; resumable.
+# The demo's scenarios over the untuned cohort seeds (docs/study.md): a benchmark, ~1 h; resumable.
 study: setup
 	$(PY) -m dqc.study --out $(STUDY_OUT)
 
