@@ -6,7 +6,7 @@ which log columns it adds, and judges. Every criterion but the paper's `rates` (
 test `mcnemar`) sets its own threshold: its statistic is compared with the run's own accepted
 statistics of the same kind and scale (a window), limit median + z * 1.4826 * MAD, so its one
 knob z is a robust z-score whose nominal one-sided false-flag rate under normality is
-1 - Phi(z) (z = 4, the default: 0.003%). Pure Python: no deep-learning import.
+1 - Phi(z) (z = 3, the default: 0.13%). Pure Python: no deep-learning import.
 """
 
 from __future__ import annotations

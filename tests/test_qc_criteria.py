@@ -780,7 +780,7 @@ def test_the_flower_app_lists_each_criterion_parameter_at_its_default():
     names = ("error", "alpha", "z", "window")
     shown = {line.split(" ")[0]: float(line.rstrip().rsplit("(", 1)[1].rstrip(")"))
              for line in text.splitlines() if line.split(" ")[0] in names and " = " in line}
-    assert shown == {"error": 0.02, "alpha": 0.05, "z": 4.0, "window": 50}
+    assert shown == {"error": 0.02, "alpha": 0.05, "z": 3.0, "window": 50}
     assert {k: config[k] for k in names} == dict.fromkeys(names, "")
 
 
@@ -849,7 +849,7 @@ def test_script_log_columns_per_criterion(federated_case, capsys):
     assert decided.LIMIT.notna().all()
     assert (decided.Ignored == (decided.STATISTIC > decided.LIMIT + 1e-9).astype(int)).all()
     summary = json.loads((out / "qc_summary.json").read_text())
-    assert summary["criterion"] == {"name": "loss", "z": 4.0, "window": 50}
+    assert summary["criterion"] == {"name": "loss", "z": 3.0, "window": 50}
     cost = summary["calibration"]
     assert cost["windows"]["val_rise:batch"] == {"pre-training": 0, "calibration": 10}
     # single images: calibrated in the cycle that judged one alone (each calibration batch

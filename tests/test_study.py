@@ -83,7 +83,7 @@ def test_each_seed_runs_the_criteria_given_or_the_rules(tmp_path):
     from dqc.study import parse_args, seed_configs
 
     default = seed_configs(parse_args(["--out", str(tmp_path)]))
-    assert [c.seed for c in default] == [9, 10, 11]  # the untuned seeds
+    assert [c.seed for c in default] == [12, 13, 14]  # the untuned seeds
     assert RULES == ("rates", "anchored")
     assert all(c.criteria == ("rates", "anchored", "witnessed")
                and c.out == seed_folder(tmp_path, c.seed)
