@@ -17,32 +17,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from dqc.criteria import MAD_TO_SD, MIN_WINDOW, TOLERANCE, make_criterion
-from dqc.defaults import WINDOW
+from dqc.runtime import quiet_tensorflow_import
+
+quiet_tensorflow_import()
+
+from dqc.checkpoint import cycle_paths, read_state  # noqa: E402  (TensorFlow, quiet)
+from dqc.criteria import MIN_WINDOW, at_least, make_criterion, self_set_verdict  # noqa: E402
+from dqc.defaults import WINDOW  # noqa: E402
 
 
 def pretraining_window(run: Path, first_cycle: int) -> list[float]:
     """The batch losses the pre-training's last state kept (the run's cold start), or []."""
-    state = run.parent / "clean" / f"tm_state_{first_cycle - 1:03d}.npz"
-    if not state.is_file():
-        return []
-    with np.load(state, allow_pickle=False) as data:
-        return list(json.loads(str(data["meta"])).get("batch_losses", ()))
-
-
-def _centre_spread(window: list[float]) -> tuple[float, float]:
-    median = statistics.median(window)
-    return median, MAD_TO_SD * statistics.median(abs(x - median) for x in window)
+    state = cycle_paths(run.parent / "clean", "tm", first_cycle - 1)["state"]
+    return list(read_state(state)[0].get("batch_losses", ())) if state.is_file() else []
 
 
 def replay(run: Path, z: float) -> dict:
-    """The images of `run` the replayed z eliminates, harmful and good, and how many each."""
+    """The images of `run` the replayed z eliminates, harmful and good, and how many each:
+    each batch and revisit judged by the run's own rule (`self_set_verdict`, and `at_least`
+    the flag's limit under `anchored`)."""
     log = pd.read_csv(run / "qc.csv")
     images = pd.read_csv(run / "qc_images.csv").set_index("Subject")
     anchored = make_criterion(json.loads((run / "qc_summary.json").read_text())
@@ -56,21 +53,19 @@ def replay(run: Path, z: float) -> dict:
     eliminated = {0: 0, 1: 0}
     for cycle, rows in log.groupby("Cycle", sort=True):
         for row in rows[rows.Subject == "batch"].itertuples():
-            median, spread = _centre_spread(window)
-            limit = median + z * spread
-            if row.STATISTIC > limit + TOLERANCE:
+            verdict = self_set_verdict(row.STATISTIC, window, z)
+            if verdict.harmful:
                 key = (cycle, row.Study)
-                flag_limits[key] = max(flag_limits.get(key, limit), limit)
+                flag_limits[key] = max(flag_limits.get(key, verdict.limit), verdict.limit)
             else:
                 window = (window + [row.STATISTIC])[-WINDOW:]
         for row in rows[rows.Subject != "batch"].itertuples():
             floor = flag_limits.get((images.loc[row.Subject, "first_flagged_cycle"], row.Study))
             if floor is None:
                 continue  # its batch was not flagged under this z
-            median, spread = _centre_spread(window)
-            limit = max(median + z * spread, floor) if anchored else median + z * spread
-            if row.STATISTIC > limit + TOLERANCE:
-                eliminated[int(images.loc[row.Subject, "Harmful"])] += 1
+            verdict = at_least(self_set_verdict(row.STATISTIC, window, z),
+                               floor if anchored else None)
+            eliminated[int(images.loc[row.Subject, "Harmful"])] += verdict.harmful
     n_harmful = int(images.Harmful.sum())
     return {"run": f"{run.parent.name}/{run.name}", "z": z,
             "harmful eliminated": f"{eliminated[1]}/{n_harmful}",

@@ -643,7 +643,6 @@ def test_the_paper_rule_needs_no_calibration():
     assert qc.state.windows == {} and qc.image_window() == []
 
 
-
 def test_the_calibration_line_says_none_was_needed_when_the_pre_training_seeded_it():
     model = FakeModel({})
     qc = policy(model, TrainLoss(window=10), "ab")
@@ -656,6 +655,7 @@ def test_the_calibration_line_says_none_was_needed_when_the_pre_training_seeded_
     assert describe_calibration(paid) == (
         "calibration: 10 steps (each undone), 0 evaluations, 1.2 s (train_loss:batch: 0 from "
         "the pre-training, 10 calibration steps)")
+
 
 # --- non-finite is never harmless ----------------------------------------------------------------
 
