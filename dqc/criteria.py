@@ -163,6 +163,11 @@ class Criterion:
         (`at_least`)."""
         return False
 
+    def mixes_witnesses(self) -> bool:
+        """Whether a revisit's witnesses are drawn to balance its batch's labels
+        (`dqc.qc.mixed_draw`): then the run needs each training image's label."""
+        return False
+
     def confirmation(self) -> "Criterion | None":
         """The criterion that must confirm an image its revisit found harmful before it is
         eliminated (`confirmed`); None: the revisit's verdict eliminates."""
@@ -416,10 +421,27 @@ class Anchored(Witnessed):
         return True
 
 
+@dataclass(frozen=True)
+class Balanced(Anchored):
+    """`anchored`, but a revisit's witnesses are drawn so that its batch holds both labels as
+    evenly as its center's kept images allow (`dqc.qc.mixed_draw`). In training mode
+    BatchNorm takes the batch's mean out, so a batch of one label has a loss as high as a
+    harmful center's: a good image of its center's majority label, revisited with witnesses
+    of that label, is found harmful again. The draw needs each training image's label where
+    the policy runs."""
+
+    name: ClassVar[str] = "balanced"
+    summary: ClassVar[str] = ("anchored, and a revisit's witnesses are drawn to balance its "
+                              "batch's labels (a batch of one label has a high loss)")
+
+    def mixes_witnesses(self) -> bool:
+        return True
+
+
 #: The criteria by their command-line name.
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
                                                             HeldOut, Combined, Witnessed,
-                                                            Confirmed, Anchored)}
+                                                            Confirmed, Anchored, Balanced)}
 
 
 def own_word_criteria() -> list[str]:

@@ -217,6 +217,25 @@ def _draw(centers: dict[str, list[str]], n: int, rng: np.random.Generator
     return center, [ids[i] for i in sorted(picked)]
 
 
+def mixed_draw(pool: Sequence[str], take: int, labels: dict[str, int], batch: Sequence[str],
+               rng: np.random.Generator) -> list[str]:
+    """`take` images of `pool` (in pool order) that bring `batch` as near to as many of one
+    label as of the other as the pool allows: each pick is of the label the batch holds fewer
+    of (a tie: drawn), at random within the label; a label run out gives the other."""
+    by_label = {k: [s for s in pool if labels[s] == k] for k in (0, 1)}
+    for k, ids in by_label.items():
+        by_label[k] = [ids[i] for i in rng.permutation(len(ids))]
+    count = {k: sum(labels[s] == k for s in batch) for k in (0, 1)}
+    picked = []
+    for _ in range(take):
+        k = 0 if count[0] < count[1] else 1 if count[1] < count[0] else int(rng.integers(2))
+        if not by_label[k]:
+            k = 1 - k
+        picked.append(by_label[k].pop(0))
+        count[k] += 1
+    return sorted(picked, key=list(pool).index)
+
+
 def describe_calibration(calibration: dict) -> str:
     """The calibration's cost in one line (stderr and the run's summary say it); a run whose
     windows all came from the pre-training says that it needed none."""
@@ -270,7 +289,8 @@ class QualityControl:
     A non-finite training or validation loss flags its update, always, with one warning
     line (`on_warning`, default stderr); it never becomes the reference nor enters a window.
     A criterion with a self-set threshold is calibrated before its first decision
-    (`calibrate`).
+    (`calibrate`). `labels` (each training image's 0/1 label) are needed only by a criterion
+    that draws a revisit's witnesses by label (`balanced`).
     """
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
@@ -278,11 +298,14 @@ class QualityControl:
                  error: float | None = None, criterion: Criterion | None = None,
                  state: QCState | None = None, on_event: Event | None = None,
                  hold_out_momentum: Callable[[], None] | None = None,
-                 on_warning: Event | None = None):
+                 on_warning: Event | None = None, labels: dict[str, int] | None = None):
         self.train, self._evaluate = train, evaluate
         self.hold_out_momentum = hold_out_momentum
         self.snapshot, self.restore = snapshot, restore
         self.criterion = criterion or (Rates() if error is None else Rates(error))
+        if self.criterion.mixes_witnesses() and labels is None:
+            raise ValueError(f"criterion {self.criterion.name} needs the training labels")
+        self.labels = labels
         self.revisit = revisit
         self.state = state or QCState(images={s: ImageRecord(c) for s, c in studies.items()})
         # this run's training images: a resumed federated run may have left a center out,
@@ -575,8 +598,9 @@ class QualityControl:
                   co_suspects: bool = True) -> list[str]:
         """The images suspects (of one center) are judged with: up to batch size - their
         number of kept images of their center (neither eliminated nor waiting for a
-        revisit), drawn at random; where the center has too few, the rest from the other
-        suspects revisited at that center (`co_suspects`)."""
+        revisit), drawn at random (to balance the batch's labels where the criterion says,
+        `mixed_draw`); where the center has too few, the rest from the other suspects
+        revisited at that center (`co_suspects`)."""
         study = self.state.images[subjects[0]].study
         n = self.state.calibration.get("batch_size", 1) - len(subjects)
         at_center = [s for s, r in self.state.images.items() if r.study == study]
@@ -585,7 +609,9 @@ class QualityControl:
         for pool in ([s for s in self.select(study, at_center) if s not in due],
                      others if co_suspects else []):
             take = min(n - len(picked), len(pool))
-            if take > 0:
+            if take > 0 and self.criterion.mixes_witnesses():
+                picked += mixed_draw(pool, take, self.labels, [*subjects, *picked], rng)
+            elif take > 0:
                 picked += [pool[i] for i in sorted(rng.choice(len(pool), take, replace=False))]
         return picked
 

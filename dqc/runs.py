@@ -367,6 +367,12 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     else:
         validation, make_evaluate = verify
     rule = _check_qc_inputs(spec, qspec, validation)
+    labels = None
+    if rule.mixes_witnesses():
+        if "Group_bin" not in train:
+            raise DQCError(f"--criterion {rule.name} draws a revisit's witnesses by label: it "
+                           "needs the training images' labels where the policy runs")
+        labels = dict(zip(train.Subject, train.Group_bin.astype(int)))
     models, first, make_trainer = _start(spec, train)
     store = None if make_step is not None else _store(spec, models, train, "training images")
     val_store = None if verify is not None or evaluate is not None else \
@@ -388,7 +394,8 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
                             criterion=rule, revisit=qspec.revisit,
                             studies=dict(zip(train.Subject, train.Study)),
                             state=QCState.from_json(meta["qc"]) if resumed else None,
-                            on_event=spec.echo, hold_out_momentum=trainer.hold_out_momentum)
+                            on_event=spec.echo, hold_out_momentum=trainer.hold_out_momentum,
+                            labels=labels)
     if not resumed:
         with clock.paused():  # timings are of the cycles only
             policy.baseline()

@@ -142,3 +142,15 @@ def test_no_own_word_refuses_criteria_that_take_a_centers_loss_for_its_batch(cri
             check_no_own_word(qspec, batch_size=5)
     else:
         check_no_own_word(qspec, batch_size=5)
+
+
+def test_a_criterion_that_draws_witnesses_by_label_is_refused_before_any_node_is_asked():
+    """`balanced` needs every training image's label at the server; the federation keeps
+    them at the centers, so it says so in one line (the model files are never looked at)."""
+    from dqc.federated.server import check_server_inputs
+
+    spec, qspec = specs_from_config({"en": "e", "pd": "p", "cycles": 5,
+                                     "criterion": "balanced"})
+    with pytest.raises(DQCError, match="^--criterion balanced draws a revisit's witnesses by "
+                       "label, and a federation keeps the training labels at its centers"):
+        check_server_inputs(spec, qspec)

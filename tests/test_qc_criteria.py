@@ -17,12 +17,12 @@ import pytest
 
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
-                          Witnessed, Confirmed, Anchored, Verdict, at_least,
+                          Witnessed, Confirmed, Anchored, Balanced, Verdict, at_least,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
 from dqc.qc import (Evaluation, QCState, QualityControl, describe_calibration,
-                    evaluate_predictions)
+                    evaluate_predictions, mixed_draw)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = "000000111111"
@@ -186,7 +186,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("rates", {"z": 3.0}, "--z means nothing for --criterion rates (its flags: -error)"),
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
-                  "combined, witnessed, confirmed, anchored, got 'vibes'"),
+                  "combined, witnessed, confirmed, anchored, balanced, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -197,10 +197,11 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
         ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores",
-         "scores"]
+         "scores", "scores"]
     assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
-        ["witnessed", "confirmed", "anchored"]
-    assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == ["anchored"]
+        ["witnessed", "confirmed", "anchored", "balanced"]
+    assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == ["anchored", "balanced"]
+    assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == ["balanced"]
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)
@@ -423,6 +424,99 @@ def test_anchored_judges_a_revisit_against_at_least_the_limit_its_flag_exceeded(
     assert all(rows[h]["Ignored"] == 1 and rows[h]["STATISTIC"] == 9.0 for h in harmful)
     state = QCState.from_json(json.loads(json.dumps(anchored.state.to_json())))
     assert state.images["p0"].flagged_limit == flag_limit  # a resumed run floors the same
+
+
+def test_mixed_draw_evens_the_labels_as_far_as_the_pool_allows():
+    labels = {f"h{i}": 0 for i in range(8)} | {f"p{i}": 1 for i in range(3)}
+    pool = [*(f"h{i}" for i in range(1, 8)), "p0", "p1", "p2"]
+    rng = np.random.default_rng(0)
+    drawn = set()
+    for _ in range(200):
+        picked = mixed_draw(pool, 4, labels, ["h0"], rng)
+        assert len(set(picked)) == 4 and sorted(picked, key=pool.index) == picked
+        pd_count = sum(labels[s] for s in picked)
+        assert pd_count in (2, 3)  # h0 and four: 3 HC + 2 PD or 2 HC + 3 PD
+        drawn |= set(picked)
+    assert drawn == set(pool)  # at random within each label
+    # the PD run out: the rest are HC; a pool of one label gives that label
+    assert sorted(labels[s] for s in mixed_draw(pool, 6, labels, ["p0"], rng)) == [0] * 3 + [1] * 3
+    assert all(labels[s] == 0 for s in mixed_draw(pool[:7], 4, labels, ["h0"], rng))
+
+
+class LabelMixModel:
+    """A batch's own loss as BatchNorm in training mode makes it: 0.9 for a batch of one
+    label, 0.1 for a mixed one, 9.0 with a harmful image in it; it keeps the batches."""
+
+    def __init__(self, labels: dict[str, int]):
+        self.labels, self.batches = labels, []
+
+    def train(self, center, ids):
+        self.batches.append(list(ids))
+        if any(s.startswith("h") for s in ids):
+            return 9.0, 0.0
+        return (0.9 if len({self.labels[s] for s in ids}) == 1 else 0.1), 1.0
+
+    def evaluate(self, ids):
+        return predicted(set())
+
+    def snapshot(self):
+        return None
+
+    def restore(self, value):
+        pass
+
+
+def label_mix_run(criterion) -> tuple[QualityControl, LabelMixModel]:
+    """Center M: 15 HC (m0-m14) and 2 PD (n0, n1); its first batch is all HC and is flagged
+    (0.9 against a window of ~0.1), its others are mixed and kept. Center H is harmful and
+    mixed; center S is two PD images, all it has. Revisits in cycle 12."""
+    labels = {f"m{i}": 0 for i in range(15)} | {"n0": 1, "n1": 1} | \
+        {f"h{i}": i % 2 for i in range(5)} | {"s0": 1, "s1": 1}
+    model = LabelMixModel(labels)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=criterion, revisit=2,
+                        studies={s: "M" if s[0] in "mn" else s[0].upper() for s in labels},
+                        labels=labels if criterion.mixes_witnesses() else None)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=1, pretraining=[0.1 + i / 1000 for i in range(20)])
+    qc.start_cycle(10)
+    for center, ids in (("M", [f"m{i}" for i in range(5)]), ("M", ["m5", "m6", "m7", "m8", "n0"]),
+                        ("M", ["m9", "m10", "m11", "m12", "n1"]), ("M", ["m13", "m14", "n0"]),
+                        ("H", [f"h{i}" for i in range(5)]), ("S", ["s0", "s1"])):
+        qc.verify_batch(center, ids)
+    qc.start_cycle(12)
+    model.batches.clear()
+    qc.revisit_pass()
+    return qc, model
+
+
+def test_balanced_revisits_a_majority_label_image_with_witnesses_of_both_labels():
+    """`anchored` draws M's witnesses at random from its kept images (10 HC, 2 PD): some
+    revisit batches are all HC, whose loss is a harmful center's, and good images are
+    eliminated. `balanced` puts both PD images in each: every M image is back in
+    training. Both eliminate the harmful center H, and the one-label center S (no witness
+    of the other label exists)."""
+    one_label = {f"m{i}" for i in range(5)}
+    harmful, small = {f"h{i}" for i in range(5)}, {"s0", "s1"}
+    anchored, model_a = label_mix_run(Anchored(z=3.0, window=20))
+    balanced, model_b = label_mix_run(Balanced(z=3.0, window=20))
+    # the random draw left four of the five batches all HC (seed 1)
+    assert anchored.eliminated() == harmful | small | {"m1", "m2", "m3", "m4"}
+    for batch in model_a.batches:
+        if batch[0] in {"m1", "m2", "m3", "m4"}:
+            assert not {"n0", "n1"} & set(batch)
+    assert balanced.eliminated() == harmful | small
+    for batch in model_b.batches:
+        if batch[0] in one_label:
+            assert len(batch) == 5 and {"n0", "n1"} <= set(batch)
+    assert all(balanced.status(s) == "kept" for s in one_label)
+
+
+def test_balanced_needs_the_training_labels():
+    model = LabelMixModel({})
+    with pytest.raises(ValueError, match="criterion balanced needs the training labels"):
+        QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                       criterion=Balanced(), revisit=2, studies={"m0": "M"})
 
 
 class LossModel:

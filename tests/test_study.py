@@ -84,8 +84,8 @@ def test_each_seed_runs_the_criteria_given_or_the_rules(tmp_path):
 
     default = seed_configs(parse_args(["--out", str(tmp_path)]))
     assert [c.seed for c in default] == [12, 13, 14]  # the untuned seeds
-    assert RULES == ("rates", "anchored")
-    assert all(c.criteria == ("rates", "anchored", "witnessed")
+    assert RULES == ("rates", "balanced")
+    assert all(c.criteria == ("rates", "balanced", "anchored")
                and c.out == seed_folder(tmp_path, c.seed)
                for c in default)
     given = seed_configs(parse_args(["--out", str(tmp_path), "--seeds", "3,4",

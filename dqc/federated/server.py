@@ -56,6 +56,9 @@ def check_server_inputs(spec, qspec, verify_at: str = "centers") -> None:
 
     if verify_at not in VERIFY_AT:
         raise DQCError(f"--verify-at must be one of {', '.join(VERIFY_AT)}, got {verify_at!r}")
+    if qspec.rule().mixes_witnesses():
+        raise DQCError(f"--criterion {qspec.criterion} draws a revisit's witnesses by label, "
+                       "and a federation keeps the training labels at its centers; use anchored")
     if verify_at == "server":
         require_both_classes(load_table(qspec.val_csv, "validation"), qspec.val_csv)
     for path, what in ((spec.encoder, "encoder"), (spec.classifier, "classifier")):
