@@ -17,7 +17,8 @@ import pytest
 
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
-                          Witnessed, Confirmed, Anchored, Balanced, Verdict, at_least,
+                          Witnessed, Confirmed, Anchored, Balanced, Separated, Verdict,
+                          at_least,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
@@ -186,7 +187,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("rates", {"z": 3.0}, "--z means nothing for --criterion rates (its flags: -error)"),
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
-                  "combined, witnessed, confirmed, anchored, balanced, got 'vibes'"),
+                  "combined, witnessed, confirmed, anchored, balanced, separated, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -197,11 +198,16 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
         ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores",
-         "scores", "scores"]
+         "scores", "scores", "scores"]
     assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
-        ["witnessed", "confirmed", "anchored", "balanced"]
-    assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == ["anchored", "balanced"]
-    assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == ["balanced"]
+        ["witnessed", "confirmed", "anchored", "balanced", "separated"]
+    assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == \
+        ["anchored", "balanced", "separated"]
+    assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == ["balanced", "separated"]
+    assert [n for n in CRITERIA if CRITERIA[n]().separates_labels()] == ["separated"]
+    assert Separated().window_key(5, one_label=True) == "train_loss:batch:one label"
+    assert Separated().window_key(5) == Balanced().window_key(5, one_label=True) == \
+        "train_loss:batch"
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)
@@ -510,6 +516,28 @@ def test_balanced_revisits_a_majority_label_image_with_witnesses_of_both_labels(
         if batch[0] in one_label:
             assert len(batch) == 5 and {"n0", "n1"} <= set(batch)
     assert all(balanced.status(s) == "kept" for s in one_label)
+
+
+def test_separated_judges_a_batch_of_one_label_against_such_batches():
+    """Center S is two PD images and nothing else: its batch (own loss 0.9) is a high
+    outlier among the mixed batches (~0.1), so `balanced` eliminates it whole, and so is M's
+    all-HC batch. `separated` judges both against batches of one label, calibrated when the
+    first is judged (random one-label groups, each step undone): both kept, never flagged.
+    The harmful center H (mixed, 9.0) is eliminated under both."""
+    harmful = {f"h{i}" for i in range(5)}
+    separated, _ = label_mix_run(Separated(z=3.0, window=20))
+    assert separated.eliminated() == harmful
+    assert all(separated.state.images[s].times_flagged == 0
+               for s in ("s0", "s1", "m0", "m1", "m2", "m3", "m4"))
+    rows = [r for r in separated.state.log if r["Cycle"] == 10]
+    mixed_limit = rows[1]["LIMIT"]  # M's second batch, mixed: the pre-training's window
+    assert mixed_limit == pytest.approx(0.1095 + 3 * 1.4826 * 0.005)
+    assert [(r["Study"], r["STATISTIC"], r["Ignored"]) for r in rows] == \
+        [("M", 0.9, 0), ("M", 0.1, 0), ("M", 0.1, 0), ("M", 0.1, 0), ("H", 9.0, 1), ("S", 0.9, 0)]
+    assert rows[0]["LIMIT"] >= 0.9 and rows[-1]["LIMIT"] >= 0.9  # the one-label window's
+    one_label = separated.state.calibration["windows"]["train_loss:batch:one label"]
+    assert one_label == {"pre-training": 0, "calibration": MIN_WINDOW}
+    assert len(separated.state.windows["train_loss:batch:one label"]) == MIN_WINDOW + 2
 
 
 def test_balanced_needs_the_training_labels():
