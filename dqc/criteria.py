@@ -35,8 +35,6 @@ LOG_COLUMNS = ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN", "Ig
 CRITERION_COLUMNS = ["VAL_LOSS", "VAL_AUROC", "TRAIN_LOSS", "STATISTIC", "LIMIT"]
 #: The window that a pre-training's saved batch losses seed (its updates were all kept).
 PRETRAINING_WINDOW = "train_loss:batch"
-#: The suffix of the window of batches of one label (`Separated`).
-ONE_LABEL = "one label"
 #: The command-line flag of each parameter (for messages).
 FLAGS = {"error": "-error", "alpha": "--alpha", "z": "--z", "window": "--window"}
 
@@ -179,13 +177,13 @@ class Criterion:
         """The paper's nine columns and what this criterion decided on."""
         return LOG_COLUMNS + CRITERION_COLUMNS
 
-    def window_key(self, n_images: int, one_label: bool = False) -> str | None:
-        """The window of accepted statistics an update of n images (`one_label`: all of one
-        label) is judged against (and enters when accepted); None: no window."""
+    def window_key(self, n_images: int) -> str | None:
+        """The window of accepted statistics an update of n images is judged against (and
+        enters when accepted); None: no window."""
         return None
 
     def separates_labels(self) -> bool:
-        """Whether a batch of one label is judged against a window of such batches
+        """Whether a revisit batch of one label is judged against batches of one label
         (`separated`)."""
         return False
 
@@ -290,13 +288,10 @@ class SelfSet(Criterion):
                   train_loss: float) -> float:
         raise NotImplementedError
 
-    def window_key(self, n_images: int, one_label: bool = False) -> str:
+    def window_key(self, n_images: int) -> str:
         """Batches and single images apart: with BatchNorm over one image a step's statistics
-        have another scale (a good image's own loss is near ln 2, a good batch's ~0.15); under
-        `separated` batches of one label apart from mixed ones, for the same reason."""
-        key = f"{self.kind(n_images)}:{'image' if n_images == 1 else 'batch'}"
-        return f"{key}:{ONE_LABEL}" if one_label and n_images > 1 and self.separates_labels() \
-            else key
+        have another scale (a good image's own loss is near ln 2, a good batch's ~0.15)."""
+        return f"{self.kind(n_images)}:{'image' if n_images == 1 else 'batch'}"
 
     def judge(self, new, reference, n_images, train_loss, window) -> Verdict:
         return self_set_verdict(self.statistic(new, reference, n_images, train_loss),
@@ -450,15 +445,17 @@ class Balanced(Anchored):
 
 @dataclass(frozen=True)
 class Separated(Balanced):
-    """`balanced`, but a batch of one label is judged against a window of its own: the
-    accepted batches of one label, calibrated when such a batch is first judged. A center of
-    one label has only such batches, whose loss is as high as a harmful center's against the
-    mixed batches' window (BatchNorm takes the batch's mean out): under `balanced` it was
-    eliminated whole, as no witness of the other label exists there."""
+    """`balanced`, but a revisit batch that is still of one label (its center has no kept
+    image of the other) is judged against batches of one label: check steps on random kept
+    ones, calibrated in each cycle that needs them. A center of one label has only such
+    batches, whose loss is as high as a harmful center's against the batches' window
+    (BatchNorm takes the batch's mean out): under `balanced` it is eliminated whole. The
+    regular pass is `balanced`'s: a batch of one label there still meets the batches' window,
+    so that an inverted batch of one label is flagged and met again, mixed, at its revisit."""
 
     name: ClassVar[str] = "separated"
-    summary: ClassVar[str] = ("balanced, and a batch of one label is judged against a window "
-                              "of such batches")
+    summary: ClassVar[str] = ("balanced, and a revisit batch of one label is judged against "
+                              "batches of one label")
 
     def separates_labels(self) -> bool:
         return True

@@ -31,7 +31,7 @@ WITNESS_STREAM = 7927
 #: The confirmation window's calibration stream (`QualityControl.confirmation_window`).
 CONFIRM_STREAM = 7933
 #: The one-label window's calibration stream (`QualityControl.one_label_window`).
-ONE_LABEL_STREAM = 1
+ONE_LABEL_STREAM = 7937
 
 
 @dataclass(frozen=True)
@@ -292,8 +292,8 @@ class QualityControl:
     line (`on_warning`, default stderr); it never becomes the reference nor enters a window.
     A criterion with a self-set threshold is calibrated before its first decision
     (`calibrate`). `labels` (each training image's 0/1 label) are needed only by a criterion
-    that draws a revisit's witnesses by label (`balanced`, `separated`: this one also judges a
-    batch of one label against such batches, `one_label_window`).
+    that draws a revisit's witnesses by label (`balanced`; `separated` also judges a revisit
+    batch of one label apart, `one_label_window`).
     """
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
@@ -324,38 +324,8 @@ class QualityControl:
         return self._evaluate(ids)
 
     # --- bookkeeping -----------------------------------------------------------------------
-    def _one_label(self, ids: Sequence[str]) -> bool:
-        """Whether a batch is all of one label, where the criterion judges such apart."""
-        return self.criterion.separates_labels() and len(ids) > 1 \
-            and len({self.labels[s] for s in ids}) == 1
-
-    def one_label_window(self, key: str) -> list[float]:
-        """The window a batch of one label is judged against (`separated`): accepted batches
-        of one label, calibrated when such a batch is first judged by steps on random ones
-        (a random center and label with two images or more; each step undone; seeded by the
-        run's seed)."""
-        window = self.state.windows.get(key, [])
-        if len(window) >= MIN_WINDOW:
-            return window
-        cost = self.state.calibration
-        n = cost["batch_size"]
-        rng = np.random.default_rng([cost["seed"], CALIBRATION_STREAM, ONE_LABEL_STREAM])
-        groups = [(center, [s for s in ids if self.labels[s] == label])
-                  for center, ids in sorted(self._centers().items()) for label in (0, 1)]
-        groups = [(center, ids) for center, ids in groups if len(ids) >= 2]
-
-        def draw() -> tuple[str, list[str]] | None:
-            if not groups:
-                return None
-            center, ids = groups[int(rng.integers(len(groups)))]
-            picked = rng.choice(len(ids), size=min(n, len(ids)), replace=False)
-            return center, [ids[i] for i in sorted(picked)]
-        self.state.windows[key] = self._fill(key, list(window), 0, draw)
-        return self.state.windows[key]
-
     def _log(self, subject: str, study: str, ev: Evaluation, verdict: Verdict,
-             train_loss: float | None = None, n_images: int = 0, adopted: bool = True,
-             key: str | None = None) -> None:
+             train_loss: float | None = None, n_images: int = 0, adopted: bool = True) -> None:
         """One log row in the criterion's columns; an accepted update that stays made
         (`adopted`) becomes the reference and its statistic enters the window of its kind and
         scale (batches and single images apart: with BatchNorm over one image their
@@ -369,7 +339,7 @@ class QualityControl:
         if verdict.harmful or not adopted:
             return
         self.state.reference = None if ev is NOT_EVALUATED else ev
-        key = (key or self.criterion.window_key(n_images)) if n_images else None
+        key = self.criterion.window_key(n_images) if n_images else None
         if key is not None:
             self.state.windows[key] = self.criterion.remember(self.state.windows.get(key, []),
                                                               verdict.statistic)
@@ -504,6 +474,33 @@ class QualityControl:
             cost["confirm_cycle"] = self.cycle
         return self.state.windows[key]
 
+    def one_label_window(self, due: Iterable[str] = ()) -> list[float]:
+        """The window a revisit batch of one label is judged against (`separated`): check
+        steps on random kept batches of one label (a random center and label with two kept
+        images or more, up to the regular batch size; not waiting, not `due`; each step
+        undone), calibrated afresh in each cycle that needs it, at that cycle's learning rate
+        and model (seeded by the run's seed and the cycle)."""
+        cost = self.state.calibration
+        key = f"{self.criterion.window_key(cost['batch_size'])}:one label"
+        if cost.get("one_label_cycle") != self.cycle:
+            n = cost["batch_size"]
+            rng = np.random.default_rng([cost["seed"], CALIBRATION_STREAM, self.cycle,
+                                         ONE_LABEL_STREAM])
+            groups = [(center, [s for s in ids if self.labels[s] == label])
+                      for center, ids in sorted(self._centers(self.waiting() | set(due)).items())
+                      for label in (0, 1)]
+            groups = [(center, ids) for center, ids in groups if len(ids) >= 2]
+
+            def draw() -> tuple[str, list[str]] | None:
+                if not groups:
+                    return None  # the window stays short, and a short window flags nothing
+                center, ids = groups[int(rng.integers(len(groups)))]
+                picked = rng.choice(len(ids), size=min(n, len(ids)), replace=False)
+                return center, [ids[i] for i in sorted(picked)]
+            self.state.windows[key] = self._fill(key, [], 0, draw)
+            cost["one_label_cycle"] = self.cycle
+        return self.state.windows[key]
+
     def start_cycle(self, cycle: int) -> None:
         """A new cycle begins: its number goes into the log rows and the revisit schedule."""
         self.cycle = cycle
@@ -557,17 +554,16 @@ class QualityControl:
         return Check(before, loss, acc, ev, verdict, bad)
 
     def _try(self, center: str, ids: list[str], subject: str, suspect: bool = False,
-             keep: bool = True, floor: float | None = None) -> Check:
+             keep: bool = True, floor: float | None = None,
+             window: Sequence[float] | None = None) -> Check:
         """Check, log; undo if harmful (and, unless `keep`, if harmless too). Returns the
         check (its verdict, loss and accuracy). A `suspect` (one image retried from a flagged
         batch, or revisited) alone is judged against `image_window`, with its witnesses
-        against the batches' window (and at least `floor`); its statistic enters no
-        window."""
-        n, one_label = len(ids), self._one_label(ids)
-        key = self.criterion.window_key(n, one_label)
-        if one_label:
-            window = self.one_label_window(key)
-        else:
+        against the batches' window or the `window` given (and at least `floor`); its
+        statistic enters no window."""
+        n = len(ids)
+        key = self.criterion.window_key(n)
+        if window is None:
             window = self.image_window() if suspect and n == 1 else \
                 (self.state.windows.get(key, []) if key else [])
         check = self._check(center, ids, window, floor=floor)
@@ -582,8 +578,7 @@ class QualityControl:
         if check.nonfinite:
             self._warn_nonfinite(check, center, ids, "flagged and undone")
         self._log(subject, center, check.ev, check.verdict, train_loss=check.loss,
-                  n_images=0 if suspect and self._suspects_apart() else n, adopted=keep,
-                  key=key)
+                  n_images=0 if suspect and self._suspects_apart() else n, adopted=keep)
         if check.verdict.harmful or not keep:
             self.restore(check.before)
         return check
@@ -666,8 +661,11 @@ class QualityControl:
             record = self.state.images[subject]
             ids = [subject] if alone else [subject, *self.witnesses([subject], due, rng)]
             floor = record.flagged_limit if self.criterion.anchors_revisit() else None
-            if self._try(record.study, ids, subject, suspect=True, keep=alone,
-                         floor=floor).verdict.harmful:
+            one_label = self.criterion.separates_labels() and len(ids) > 1 \
+                and len({self.labels[s] for s in ids}) == 1
+            if self._try(record.study, ids, subject, suspect=True, keep=alone, floor=floor,
+                         window=self.one_label_window(due) if one_label else None
+                         ).verdict.harmful:
                 again.append(subject)
             else:
                 self._back(subject, "passed its revisit")

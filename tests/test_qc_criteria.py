@@ -205,9 +205,6 @@ def test_each_criterion_says_what_it_needs():
         ["anchored", "balanced", "separated"]
     assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == ["balanced", "separated"]
     assert [n for n in CRITERIA if CRITERIA[n]().separates_labels()] == ["separated"]
-    assert Separated().window_key(5, one_label=True) == "train_loss:batch:one label"
-    assert Separated().window_key(5) == Balanced().window_key(5, one_label=True) == \
-        "train_loss:batch"
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)
@@ -518,26 +515,30 @@ def test_balanced_revisits_a_majority_label_image_with_witnesses_of_both_labels(
     assert all(balanced.status(s) == "kept" for s in one_label)
 
 
-def test_separated_judges_a_batch_of_one_label_against_such_batches():
+def test_separated_judges_a_revisit_of_one_label_against_batches_of_one_label():
     """Center S is two PD images and nothing else: its batch (own loss 0.9) is a high
-    outlier among the mixed batches (~0.1), so `balanced` eliminates it whole, and so is M's
-    all-HC batch. `separated` judges both against batches of one label, calibrated when the
-    first is judged (random one-label groups, each step undone): both kept, never flagged.
-    The harmful center H (mixed, 9.0) is eliminated under both."""
+    outlier among the mixed batches (~0.1) and is flagged under both `balanced` and
+    `separated`, and so is M's all-HC batch. At the revisit M's images meet both labels and
+    pass; S's batch is still of one label: `balanced` eliminates it, `separated` judges it
+    against check steps on kept batches of one label in that cycle (M's, 0.9; never a
+    waiting or due image's) and keeps it. The harmful center H is eliminated under both."""
     harmful = {f"h{i}" for i in range(5)}
-    separated, _ = label_mix_run(Separated(z=3.0, window=20))
+    separated, model = label_mix_run(Separated(z=3.0, window=20))
     assert separated.eliminated() == harmful
-    assert all(separated.state.images[s].times_flagged == 0
-               for s in ("s0", "s1", "m0", "m1", "m2", "m3", "m4"))
-    rows = [r for r in separated.state.log if r["Cycle"] == 10]
-    mixed_limit = rows[1]["LIMIT"]  # M's second batch, mixed: the pre-training's window
-    assert mixed_limit == pytest.approx(0.1095 + 3 * 1.4826 * 0.005)
-    assert [(r["Study"], r["STATISTIC"], r["Ignored"]) for r in rows] == \
-        [("M", 0.9, 0), ("M", 0.1, 0), ("M", 0.1, 0), ("M", 0.1, 0), ("H", 9.0, 1), ("S", 0.9, 0)]
-    assert rows[0]["LIMIT"] >= 0.9 and rows[-1]["LIMIT"] >= 0.9  # the one-label window's
-    one_label = separated.state.calibration["windows"]["train_loss:batch:one label"]
-    assert one_label == {"pre-training": 0, "calibration": MIN_WINDOW}
-    assert len(separated.state.windows["train_loss:batch:one label"]) == MIN_WINDOW + 2
+    assert all(separated.status(s) == "kept" for s in ("s0", "s1", "m0", "m4"))
+    rows = {r["Subject"]: r for r in separated.state.log if r["Cycle"] == 12}
+    assert rows["s0"]["STATISTIC"] == 0.9 and rows["s0"]["LIMIT"] == 0.9
+    assert rows["s0"]["Ignored"] == 0 and rows["h0"]["Ignored"] == 1
+    assert rows["m0"]["LIMIT"] < 0.2  # a mixed revisit: the batches' window (its floor)
+    key = "train_loss:batch:one label"
+    assert separated.state.calibration["windows"][key] == {"pre-training": 0,
+                                                           "calibration": MIN_WINDOW}
+    assert separated.state.windows[key] == [0.9] * MIN_WINDOW
+    drawn = [b for b in model.batches if len({s[0] for s in b}) == 1 and b[0][0] in "mn"
+             and len(b) > 1]
+    assert len(drawn) == MIN_WINDOW and not any(s in b for b in drawn for s in "s0 s1 h0".split())
+    assert separated.state.windows["train_loss:batch"] == \
+        label_mix_run(Balanced(z=3.0, window=20))[0].state.windows["train_loss:batch"]
 
 
 def test_balanced_needs_the_training_labels():
