@@ -367,12 +367,8 @@ def run_quality_control(spec: RunSpec, qspec: QCSpec,
     else:
         validation, make_evaluate = verify
     rule = _check_qc_inputs(spec, qspec, validation)
-    labels = None
-    if rule.mixes_witnesses():
-        if "Group_bin" not in train:
-            raise DQCError(f"--criterion {rule.name} draws a revisit's witnesses by label: it "
-                           "needs the training images' labels where the policy runs")
-        labels = dict(zip(train.Subject, train.Group_bin.astype(int)))
+    # a federation, whose table holds no labels, refused such a criterion before it started
+    labels = dict(zip(train.Subject, train.Group_bin)) if rule.mixes_witnesses() else None
     models, first, make_trainer = _start(spec, train)
     store = None if make_step is not None else _store(spec, models, train, "training images")
     val_store = None if verify is not None or evaluate is not None else \
