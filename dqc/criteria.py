@@ -187,6 +187,11 @@ class Criterion:
         (`separated`)."""
         return False
 
+    def judges_one_label_centers(self) -> bool:
+        """Whether the batches of a center whose training images are all of one label are
+        judged (`abstaining` trains them unjudged)."""
+        return True
+
     def reads_validation_loss(self, n_images: int) -> bool:
         """Whether a validation loss is known for an update of n images (then a non-finite
         one flags it)."""
@@ -461,11 +466,30 @@ class Separated(Balanced):
         return True
 
 
+@dataclass(frozen=True)
+class Abstaining(Balanced):
+    """`balanced`, but the batches of a center whose training images are all of one label
+    are trained unjudged. Every batch of such a center is of one label, in the regular pass
+    and at any revisit, and in training mode BatchNorm takes the batch's mean out: its loss
+    is as high as a harmful center's, and among batches of one label an inverted one looks
+    like a good one (`separated`). The batch loss cannot judge such a center, so this
+    criterion does not: the run names those centers, and their images are never flagged.
+    An inverted center of one label goes through; the centers of both labels are judged as
+    under `balanced`."""
+
+    name: ClassVar[str] = "abstaining"
+    summary: ClassVar[str] = ("balanced, and a center whose images are all of one label is "
+                              "trained unjudged (its batch loss cannot tell)")
+
+    def judges_one_label_centers(self) -> bool:
+        return False
+
+
 #: The criteria by their command-line name.
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
                                                             HeldOut, Combined, Witnessed,
                                                             Confirmed, Anchored, Balanced,
-                                                            Separated)}
+                                                            Separated, Abstaining)}
 
 
 def own_word_criteria() -> list[str]:

@@ -238,6 +238,14 @@ def mixed_draw(pool: Sequence[str], take: int, labels: dict[str, int], batch: Se
     return sorted(picked, key=list(pool).index)
 
 
+def one_label_centers(studies: dict[str, str], labels: dict[str, int]) -> list[str]:
+    """The centers whose images (subject -> center in `studies`) are all of one label."""
+    seen: dict[str, set[int]] = {}
+    for subject, center in studies.items():
+        seen.setdefault(center, set()).add(int(labels[subject]))
+    return sorted(center for center, kinds in seen.items() if len(kinds) == 1)
+
+
 def describe_calibration(calibration: dict) -> str:
     """The calibration's cost in one line (stderr and the run's summary say it); a run whose
     windows all came from the pre-training says that it needed none."""
@@ -293,7 +301,8 @@ class QualityControl:
     A criterion with a self-set threshold is calibrated before its first decision
     (`calibrate`). `labels` (each training image's 0/1 label) are needed only by a criterion
     that draws a revisit's witnesses by label (`balanced`; `separated` also judges a revisit
-    batch of one label apart, `one_label_window`).
+    batch of one label apart, `one_label_window`; `abstaining` leaves the centers of one label
+    unjudged, `unjudged`).
     """
 
     def __init__(self, train: Train, evaluate: Evaluate, snapshot: Callable[[], object],
@@ -309,6 +318,9 @@ class QualityControl:
         if self.criterion.mixes_witnesses() and labels is None:
             raise ValueError(f"criterion {self.criterion.name} needs the training labels")
         self.labels = labels
+        # centers whose batches the criterion leaves unjudged (`abstaining`): all one label
+        self.unjudged = [] if self.criterion.judges_one_label_centers() else \
+            one_label_centers(studies, labels or {})
         self.revisit = revisit
         self.state = state or QCState(images={s: ImageRecord(c) for s, c in studies.items()})
         # this run's training images: a resumed federated run may have left a center out,
@@ -316,6 +328,9 @@ class QualityControl:
         self.present = set(studies)
         self.on_event = on_event or (lambda message: None)
         self.on_warning = on_warning or _to_stderr
+        if self.unjudged:
+            self.on_event(f"centers of one label, trained unjudged ({self.criterion.name}): "
+                          f"{', '.join(self.unjudged)}")
         self.cycle = 0
         self.evaluations = 0  # validation passes made by this object (not saved)
 
@@ -605,7 +620,12 @@ class QualityControl:
 
     def verify_batch(self, center: str, ids: list[str]) -> tuple[float, float]:
         """Regular pass: keep a harmless batch; else retry each image alone, flag the harmful
-        (a criterion that confirms at the revisit instead flags them all)."""
+        (a criterion that confirms at the revisit instead flags them all). A center left
+        unjudged (`unjudged`) trains its batch, logged with its loss and no limit."""
+        if center in self.unjudged:
+            loss, acc = self.train(center, ids)
+            self._log("batch", center, NOT_EVALUATED, Verdict(False, loss), train_loss=loss)
+            return loss, acc
         check = self._try(center, ids, "batch")
         loss, acc = check.loss, check.acc
         if not check.verdict.harmful:

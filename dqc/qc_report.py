@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,8 +50,10 @@ def _rate(numerator: int, denominator: int) -> float | None:
 
 
 def summarize(images: pd.DataFrame, log: pd.DataFrame, cycles: range,
-              criterion: Criterion = Rates(), calibration: dict | None = None) -> dict:
-    """Counts, and detection figures when the ground truth `Harmful` column is present."""
+              criterion: Criterion = Rates(), calibration: dict | None = None,
+              unjudged: Sequence[str] = ()) -> dict:
+    """Counts, and detection figures when the ground truth `Harmful` column is present;
+    `unjudged`: the centers whose batches the criterion did not judge."""
     summary = {
         "cycles": [cycles.start, cycles.stop - 1],
         "criterion": criterion.parameters(),
@@ -63,6 +66,7 @@ def summarize(images: pd.DataFrame, log: pd.DataFrame, cycles: range,
         "flagged_at_least_once": int((images.times_flagged > 0).sum()),
         "evaluations": int(len(log)),
         "updates_undone": int(log.Ignored.sum()),
+        "unjudged_centers": list(unjudged),
     }
     if "Harmful" not in images.columns:
         return summary
@@ -101,7 +105,8 @@ def write_outputs(policy: QualityControl, train: pd.DataFrame, out: Path, name: 
     images = image_table(policy, train)
     write_csv(out / f"{name}.csv", log)
     write_csv(out / f"{name}_images.csv", images)
-    summary = summarize(images, log, cycles, policy.criterion, policy.state.calibration)
+    summary = summarize(images, log, cycles, policy.criterion, policy.state.calibration,
+                        policy.unjudged)
     write_json(out / f"{name}_summary.json", summary)
     return summary
 
