@@ -17,13 +17,14 @@ import pytest
 
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
-                          Witnessed, Confirmed, Anchored, Balanced, Separated, Verdict,
+                          Witnessed, Confirmed, Anchored, Balanced, Separated, Abstaining,
+                          Verdict,
                           at_least,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
 from dqc.qc import (Evaluation, QCState, QualityControl, describe_calibration,
-                    evaluate_predictions, mixed_draw)
+                    evaluate_predictions, mixed_draw, one_label_centers)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = "000000111111"
@@ -187,7 +188,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("rates", {"z": 3.0}, "--z means nothing for --criterion rates (its flags: -error)"),
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
-                  "combined, witnessed, confirmed, anchored, balanced, separated, got 'vibes'"),
+                  "combined, witnessed, confirmed, anchored, balanced, separated, abstaining, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -198,13 +199,16 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
         ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores",
-         "scores", "scores", "scores"]
+         "scores", "scores", "scores", "scores"]
     assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
-        ["witnessed", "confirmed", "anchored", "balanced", "separated"]
+        ["witnessed", "confirmed", "anchored", "balanced", "separated", "abstaining"]
     assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == \
-        ["anchored", "balanced", "separated"]
-    assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == ["balanced", "separated"]
+        ["anchored", "balanced", "separated", "abstaining"]
+    assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == \
+        ["balanced", "separated", "abstaining"]
     assert [n for n in CRITERIA if CRITERIA[n]().separates_labels()] == ["separated"]
+    assert [n for n in CRITERIA if not CRITERIA[n]().judges_one_label_centers()] == \
+        ["abstaining"]
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)
@@ -539,6 +543,33 @@ def test_separated_judges_a_revisit_of_one_label_against_batches_of_one_label():
     assert len(drawn) == MIN_WINDOW and not any(s in b for b in drawn for s in "s0 s1 h0".split())
     assert separated.state.windows["train_loss:batch"] == \
         label_mix_run(Balanced(z=3.0, window=20))[0].state.windows["train_loss:batch"]
+
+
+def test_abstaining_trains_a_center_of_one_label_unjudged_and_judges_the_others():
+    """S is two PD images and nothing else: `balanced` flags its batch (0.9 against ~0.1) and
+    eliminates it at the revisit, `abstaining` trains it unjudged (a log row with its loss,
+    no limit, not undone, not in the window), names S, and otherwise decides as `balanced`:
+    H eliminated, M's all-HC batch flagged and back in training after a mixed revisit."""
+    harmful = {f"h{i}" for i in range(5)}
+    abstaining, model = label_mix_run(Abstaining(z=3.0, window=20))
+    balanced, _ = label_mix_run(Balanced(z=3.0, window=20))
+    assert abstaining.unjudged == ["S"] and balanced.unjudged == []
+    assert abstaining.eliminated() == harmful
+    assert balanced.eliminated() == harmful | {"s0", "s1"}
+    assert abstaining.state.images["s0"].times_flagged == 0
+    assert abstaining.state.images["m0"].times_flagged == 1
+    assert all(abstaining.status(s) == "kept" for s in ("s0", "s1", "m0", "m4"))
+    s_rows = [r for r in abstaining.state.log if r["Study"] == "S"]
+    assert len(s_rows) == 1 and s_rows[0]["Ignored"] == 0 and s_rows[0]["STATISTIC"] == 0.9
+    assert math.isnan(s_rows[0]["LIMIT"])
+    assert 0.9 not in abstaining.state.windows["train_loss:batch"]
+    assert not any(b[0].startswith("s") for b in model.batches)  # no revisit of S
+
+
+def test_one_label_centers():
+    studies = {"a": "A", "b": "A", "c": "B", "d": "B", "e": "C"}
+    assert one_label_centers(studies, {"a": 0, "b": 1, "c": 1, "d": 1, "e": 0}) == ["B", "C"]
+    assert one_label_centers(studies, {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0}) == ["C"]
 
 
 def test_balanced_needs_the_training_labels():
