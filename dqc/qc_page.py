@@ -18,7 +18,7 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,6 +77,7 @@ class PageData:
     mosaic: Callable[[str], bytes] | None = None
     figures: bool = True
     where_images: str = ""
+    unjudged: Sequence[str] = ()  # centers the criterion left unjudged (`abstaining`)
 
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -229,7 +230,10 @@ def render(data: PageData, done: int) -> str:
              f'<section id="next"><h2>What to do next</h2><p>{next_step(data, done)}</p>'
              "</section>",
              f'<section id="settings"><h2>Settings</h2>{_table(settings, index=False)}'
-             f"<p>Threshold: {_esc(threshold_text(data.criterion))}.</p></section>"]
+             f"<p>Threshold: {_esc(threshold_text(data.criterion))}.</p>"
+             + (f"<p>Left unjudged (every training image of one label, so the batch loss "
+                f"cannot tell): {_esc(', '.join(data.unjudged))}.</p>" if data.unjudged else "")
+             + "</section>"]
     if data.figures:
         rates = "STATISTIC" not in data.criterion.log_columns()  # the paper's log: rates
         draw = qc_log_figure if rates else qc_statistic_figure
@@ -308,7 +312,7 @@ class Reporter:
         data = PageData(f"Quality control: {self.path.stem.removesuffix('_report')}",
                         qc_report.log_frame(policy), qc_report.image_table(policy, self.train),
                         self.settings, self.criterion, self.planned, labels, self.mosaic,
-                        where_images=self.where)
+                        where_images=self.where, unjudged=policy.unjudged)
         write_text(self.path, render(data, cycle))
 
 

@@ -162,3 +162,21 @@ def test_a_node_writes_its_own_page_and_refuses_other_centers_decisions(cohort: 
         node.report(stolen, tmp_path / "pages")
     with pytest.raises(DQCError, match="malformed report message"):
         node.report({"center": node.center}, tmp_path / "pages")
+
+
+def test_the_page_names_the_centers_left_unjudged():
+    """`abstaining` leaves the centers of one label unjudged: the page says which, and a
+    run that left none says nothing about it."""
+    from dqc import qc_report
+    from dqc.qc_page import PageData, render
+    criterion = make_criterion("abstaining")
+    log = pd.DataFrame([{"Cycle": 10, "Subject": "batch", "Study": "C06", "ACC": math.nan,
+                         "FP": math.nan, "FN": math.nan, "PFP": math.nan, "PFN": math.nan,
+                         "Ignored": 0, "VAL_LOSS": math.nan, "VAL_AUROC": math.nan,
+                         "TRAIN_LOSS": 0.9, "STATISTIC": 0.9, "LIMIT": math.nan}])
+    images = pd.DataFrame([{c: None for c in qc_report.IMAGE_COLUMNS}]).iloc[:0]
+    pages = [render(PageData("t", log, images, {}, criterion, (10, 13), figures=False,
+                             unjudged=unjudged), 10) for unjudged in (["C06", "C12"], [])]
+    assert "Left unjudged (every training image of one label" in pages[0]
+    assert "C06, C12." in pages[0]
+    assert "Left unjudged" not in pages[1]
