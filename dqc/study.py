@@ -1,6 +1,6 @@
 """The study over cohort seeds: the demo's scenarios for several seeds, one table and one plot.
 
-    python -m dqc.study --out study_out              # seeds 1, 2 (tuning) and 3, 4, 5 (untuned)
+    python -m dqc.study --out study_out              # the untuned seeds (UNTUNED_SEEDS)
     python -m dqc.study --out study_quick --quick --seeds 1,2 --tuning-seeds 1
 
 A benchmark, not a test: each seed is a whole demo (`dqc.demo.Stages`) in OUT/seed_N, with the
