@@ -1,16 +1,17 @@
-"""How far a cohort seed's clean test AUROC moves with the order of training alone.
+"""How far a cohort seed's QC figures move with the order of training alone.
 
     python bench/order_noise.py --out study_out --seeds 16,17,18 --orders 43,44,45,46
+    python bench/order_noise.py --out study_out --scenario A
 
-A benchmark, not a test. The study's clean-data finding compares one QC run's mean test AUROC
-(the demo's last `finding_cycles` cycles) with one no-QC run's, both continued from the
-cycle-9 model with the continued runs' seed (`defaults.SEED`: the order of centers and
-images, dropout). This repeats scenario C's two runs, no QC and a criterion (the recommended
-one by default), with other seeds of the continued runs, in each cohort seed's demo folder
-(its cohort and pre-training reused; `make study` or `bench/qc_seeds.py` make them), and
-prints each order's AUROC and the difference. The no-QC runs' spread is how far the clean
-AUROC moves when only the order changes; the mean difference is QC's cost apart from it.
-Writes OUT/order_noise.csv.
+A benchmark, not a test. The study's findings compare one QC run with one no-QC run (mean
+test AUROC over the demo's last `finding_cycles` cycles; the images eliminated), both
+continued from the cycle-9 model with the continued runs' seed (`defaults.SEED`: the order
+of centers and images, dropout). This repeats a scenario's two runs (C by default), no QC
+and a criterion (the recommended one by default), with other seeds of the continued runs,
+in each cohort seed's demo folder (its cohort, pre-training and QC run reused: `make study`
+or `bench/qc_seeds.py` make them), and prints each order's AUROC, the difference, and the
+images the QC run eliminated and left pending. The no-QC runs' spread is how far the AUROC
+moves when only the order changes. Writes OUT/order_noise_SCENARIO.csv.
 """
 
 from __future__ import annotations
@@ -28,22 +29,27 @@ from dqc.io import write_csv
 from dqc.report import auroc, finding_cycles
 
 
-def order_runs(st: Stages, order: int, criterion: str) -> dict[str, tuple[Path, str]]:
-    """Scenario C's no-QC and QC runs continued with seed `order` (the study's own at
+def order_runs(st: Stages, scenario: str, order: int, criterion: str
+               ) -> dict[str, tuple[Path, str]]:
+    """The scenario's no-QC and QC runs continued with seed `order` (the study's own at
     `defaults.SEED`); each trained once, then reused. Name -> (folder, file prefix)."""
     from dqc import checkpoint  # Keras: after parsing (`dqc.cli.run_main`)
     from dqc.runs import run_quality_control, train_cycles
 
+    no_qc = st.no_qc_run(scenario)
+    prefix = "tm" if no_qc == "clean" else "dirty"
     if order == defaults.SEED:
-        return {"clean": (st.run_dir("clean"), "tm"),
-                f"qc_C_{criterion}": (st.qc_dir("C", criterion), "qc")}
+        return {no_qc: (st.runs()[no_qc][0], prefix),
+                f"qc_{scenario}_{criterion}": (st.qc_dir(scenario, criterion), "qc")}
     base, last = st.out / f"order_{order}", st.config.cycles - 1
-    runs = {f"order_{order}_clean": (base / "clean", "tm"),
-            f"order_{order}_qc_C_{criterion}": (base / f"qc_C_{criterion}", "qc")}
-    (clean, _), (qc, _) = runs.values()
-    train = st.cohort / "train.csv"
-    if checkpoint.last_complete_cycle(clean, "tm") != last:
-        st._timed(train_cycles, st._spec(**{**st._continued(train, clean, "tm"), "seed": order}))
+    runs = {f"order_{order}_{no_qc}": (base / no_qc, prefix),
+            f"order_{order}_qc_{scenario}_{criterion}": (base / f"qc_{scenario}_{criterion}",
+                                                         "qc")}
+    (plain, _), (qc, _) = runs.values()
+    train = st.scenario_csv(scenario)
+    if checkpoint.last_complete_cycle(plain, prefix) != last:
+        st._timed(train_cycles,
+                  st._spec(**{**st._continued(train, plain, prefix), "seed": order}))
     if not (qc / "qc_summary.json").is_file():
         st._timed(run_quality_control,
                   st._spec(**{**st._continued(train, qc, "qc"), "seed": order}),
@@ -51,28 +57,29 @@ def order_runs(st: Stages, order: int, criterion: str) -> dict[str, tuple[Path, 
     return runs
 
 
-def run_seed(seed: int, out: Path, orders: list[int], criterion: str) -> list[dict]:
-    """One row per order of one cohort seed: the no-QC and QC runs' mean test AUROC."""
-    from dqc import checkpoint  # Keras: after parsing (`dqc.cli.run_main`)
-
+def run_seed(seed: int, out: Path, scenario: str, orders: list[int], criterion: str
+             ) -> list[dict]:
+    """One row per order of one cohort seed: the no-QC and QC runs' mean test AUROC, and
+    the images the QC run eliminated and left pending."""
     c = DemoConfig(out=out / f"seed_{seed}", seed=seed, criteria=(criterion,), verbose=False)
     st, cycles = Stages(c), finding_cycles(c)
-    if checkpoint.last_complete_cycle(st.run_dir("clean"), "tm") != c.cycles - 1:
-        raise DQCError(f"{st.run_dir('clean')}: no finished clean run; run the seed's demo "
-                       "first (make study, or bench/qc_seeds.py)")
+    if not (st.qc_dir(scenario, criterion) / "qc_summary.json").is_file():
+        raise DQCError(f"{st.qc_dir(scenario, criterion)}: no finished QC run; run the seed's "
+                       "demo first (make study, or bench/qc_seeds.py)")
     rows = []
     for order in orders:
-        runs = order_runs(st, order, criterion)
+        runs = order_runs(st, scenario, order, criterion)
         for name, (folder, prefix) in runs.items():
             st.stage(f"inference {name}", (st.out / "inference" / f"{name}_metrics.csv")
                      .is_file(), lambda n=name, f=folder, x=prefix: st.infer(n, f, x, cycles))
         no_qc, qc = runs
-        summary = json.loads((runs[qc][0] / "qc_summary.json").read_text())
+        found = json.loads((runs[qc][0] / "qc_summary.json").read_text())["detection"]
         a, b = auroc(st.out, no_qc, cycles)[0], auroc(st.out, qc, cycles)[0]
         rows.append({"seed": seed, "order": order, "no QC": round(a, 4),
                      criterion: round(b, 4), "difference": round(b - a, 4),
-                     "good eliminated": summary["eliminated"],
-                     "good pending": summary["pending"]})
+                     **{f"{kind} {what}": f"{found[f'{kind}_{what}']}/{found[kind]}"
+                        for kind in ("harmful", "good") for what in ("eliminated", "pending")
+                        if found[kind]}})
     return rows
 
 
@@ -80,6 +87,9 @@ def main(argv=None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--out", default="study_out", help="folder: one demo folder per seed")
     p.add_argument("--seeds", default="16,17,18", help="cohort seeds, comma-separated")
+    p.add_argument("--scenario", default="C", choices=("A", "B", "C"),
+                   help="the demo's scenario (A whole harmful centers, B single harmful "
+                        "images, C none)")
     p.add_argument("--orders", default=f"{defaults.SEED},43,44,45,46",
                    help="seeds of the continued runs, comma-separated (the study's own is "
                         f"{defaults.SEED})")
@@ -87,9 +97,9 @@ def main(argv=None) -> None:
                    help="QC criterion, at its defaults")
     args = p.parse_args(argv)
     out, orders = Path(args.out), [int(o) for o in args.orders.split(",")]
-    table = pd.DataFrame([row for seed in args.seeds.split(",")
-                          for row in run_seed(int(seed), out, orders, args.criterion)])
-    write_csv(out / "order_noise.csv", table)
+    table = pd.DataFrame([row for seed in args.seeds.split(",") for row in run_seed(
+        int(seed), out, args.scenario, orders, args.criterion)])
+    write_csv(out / f"order_noise_{args.scenario}.csv", table)
     print(table.to_string(index=False))
     print(table.groupby("seed")[["no QC", args.criterion, "difference"]]
           .agg(["mean", "std", "min", "max"]).round(4).to_string())
