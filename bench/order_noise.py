@@ -36,16 +36,14 @@ def order_runs(st: Stages, scenario: str, order: int, criterion: str
     from dqc import checkpoint  # Keras: after parsing (`dqc.cli.run_main`)
     from dqc.runs import run_quality_control, train_cycles
 
-    no_qc = st.no_qc_run(scenario)
-    prefix = "tm" if no_qc == "clean" else "dirty"
+    known = st.runs()
+    own = {name: known[name] for name in (st.no_qc_run(scenario), f"qc_{scenario}_{criterion}")}
     if order == defaults.SEED:
-        return {no_qc: (st.runs()[no_qc][0], prefix),
-                f"qc_{scenario}_{criterion}": (st.qc_dir(scenario, criterion), "qc")}
+        return own
     base, last = st.out / f"order_{order}", st.config.cycles - 1
-    runs = {f"order_{order}_{no_qc}": (base / no_qc, prefix),
-            f"order_{order}_qc_{scenario}_{criterion}": (base / f"qc_{scenario}_{criterion}",
-                                                         "qc")}
-    (plain, _), (qc, _) = runs.values()
+    runs = {f"order_{order}_{name}": (base / folder.name, prefix)
+            for name, (folder, prefix) in own.items()}
+    (plain, prefix), (qc, _) = runs.values()
     train = st.scenario_csv(scenario)
     if checkpoint.last_complete_cycle(plain, prefix) != last:
         st._timed(train_cycles,
