@@ -526,6 +526,11 @@ class QualityControl:
     def eliminated(self) -> set[str]:
         return {s for s, r in self.state.images.items() if r.eliminated_cycle is not None}
 
+    def batch_labels(self) -> dict[str, int] | None:
+        """The labels the regular pass deals each center's batches by (`stratified`), or
+        None: the paper's batches."""
+        return self.labels if self.criterion.stratifies_batches() else None
+
     def select(self, center: str, ids: list[str]) -> list[str]:
         """A center's images for the regular pass: not eliminated, not waiting for a revisit."""
         skip = self.waiting() | self.eliminated()

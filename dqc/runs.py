@@ -192,7 +192,8 @@ def run_cycles(spec: RunSpec, trainer: Trainer, centers: dict[str, list[str]], c
                                  step if policy is None else policy.verify_batch, seed=spec.seed,
                                  batch_size=spec.batch_size, epochs=spec.epochs,
                                  select=None if policy is None else policy.select,
-                                 prefetch=prefetch, verbose=spec.verbose, schedule=spec.schedule())
+                                 prefetch=prefetch, verbose=spec.verbose, schedule=spec.schedule(),
+                                 labels=None if policy is None else policy.batch_labels())
             if policy is not None:
                 policy.revisit_pass()
         meta = {"seed": spec.seed, "learning_rate": stats.learning_rate}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -49,26 +49,40 @@ def center_order(centers: Sequence[str], rng: np.random.RandomState) -> list[str
     return [centers[i] for i in rng.permutation(len(centers))]
 
 
-def split_batches(ids: Sequence[str], batch_size: int,
-                  rng: np.random.RandomState) -> list[list[str]]:
-    """Shuffle, batch size min(B, n), floor(n / batch size) batches (the remainder is dropped)."""
+def split_batches(ids: Sequence[str], batch_size: int, rng: np.random.RandomState,
+                  labels: Mapping[str, int] | None = None) -> list[list[str]]:
+    """Shuffle, batch size min(B, n), floor(n / batch size) batches (the remainder is dropped).
+
+    With `labels` (criterion `stratified`) the same images are kept, in batches of the same
+    size, but dealt out label by label so that each batch holds both labels as evenly as the
+    center's images allow: in training mode BatchNorm takes the batch's mean out, and a batch
+    of one label has a loss as high as a harmful one's. The random stream is used as without;
+    a center of one label, or of one batch, is cut as without.
+    """
     n = len(ids)
     if n == 0:
         return []
     size = min(batch_size, n)
     shuffled = [ids[i] for i in rng.permutation(n)]
-    return [shuffled[i * size:(i + 1) * size] for i in range(n // size)]
+    count = n // size
+    kept = shuffled[:count * size]
+    if labels is None or count == 1 or len({labels[s] for s in kept}) == 1:
+        return [kept[i * size:(i + 1) * size] for i in range(count)]
+    dealt = sorted(kept, key=lambda s: labels[s])  # stable: each label in shuffled order
+    return [dealt[i::count] for i in range(count)]
 
 
 def cycle_batches(centers: dict[str, list[str]], rng: np.random.RandomState, batch_size: int,
-                  epochs: int = 1, select: Select | None = None) -> Iterator[tuple[str, list[str]]]:
-    """(center, batch) in travelling order. `select` is asked when the model reaches a center."""
+                  epochs: int = 1, select: Select | None = None,
+                  labels: Mapping[str, int] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(center, batch) in travelling order. `select` is asked when the model reaches a center;
+    `labels` deals each center's batches label by label (`split_batches`)."""
     for center in center_order(list(centers), rng):
         ids = select(center, centers[center]) if select else centers[center]
         if not ids:
             continue
         for _ in range(epochs):
-            yield from ((center, b) for b in split_batches(ids, batch_size, rng))
+            yield from ((center, b) for b in split_batches(ids, batch_size, rng, labels))
 
 
 def lookahead(items: Iterable[T]) -> Iterator[tuple[T, T | None]]:
@@ -114,10 +128,12 @@ def travel_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, st
                  seed: int, batch_size: int, epochs: int = 1, select: Select | None = None,
                  prefetch: Callable[[list[str]], None] | None = None,
                  verbose: bool = True,
-                 schedule: Callable[[int], float] = learning_rate) -> CycleStats:
+                 schedule: Callable[[int], float] = learning_rate,
+                 labels: Mapping[str, int] | None = None) -> CycleStats:
     """One cycle of the travelling model: set the cycle's learning rate, visit every center.
 
-    `schedule(cycle)` gives the rate (see `trainer.cycle_learning_rate`).
+    `schedule(cycle)` gives the rate (see `trainer.cycle_learning_rate`). `labels` deals
+    each center's batches label by label (`split_batches`; criterion `stratified`).
 
     `prefetch(ids)` is told the next batch before the current one trains (images streamed
     from disk are then read in the background). `select` for the next center is asked one
@@ -131,7 +147,7 @@ def travel_cycle(trainer: Trainer, centers: dict[str, list[str]], cycle: int, st
     loss_sum = acc_sum = 0.0
     images = batches = 0
     losses = []
-    plan = cycle_batches(centers, cycle_rng(seed, cycle), batch_size, epochs, select)
+    plan = cycle_batches(centers, cycle_rng(seed, cycle), batch_size, epochs, select, labels)
     for (center, ids), upcoming in lookahead(plan):
         if prefetch and upcoming:
             prefetch(upcoming[1])

@@ -188,7 +188,8 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("rates", {"z": 3.0}, "--z means nothing for --criterion rates (its flags: -error)"),
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
-                  "combined, witnessed, confirmed, anchored, balanced, separated, abstaining, got 'vibes'"),
+                  "combined, witnessed, confirmed, anchored, balanced, separated, abstaining, "
+                  "stratified, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -199,16 +200,17 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
         ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores",
-         "scores", "scores", "scores", "scores"]
+         "scores", "scores", "scores", "scores", "scores"]
     assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
-        ["witnessed", "confirmed", "anchored", "balanced", "separated", "abstaining"]
+        ["witnessed", "confirmed", "anchored", "balanced", "separated", "abstaining", "stratified"]
     assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == \
-        ["anchored", "balanced", "separated", "abstaining"]
+        ["anchored", "balanced", "separated", "abstaining", "stratified"]
     assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == \
-        ["balanced", "separated", "abstaining"]
+        ["balanced", "separated", "abstaining", "stratified"]
     assert [n for n in CRITERIA if CRITERIA[n]().separates_labels()] == ["separated"]
     assert [n for n in CRITERIA if not CRITERIA[n]().judges_one_label_centers()] == \
-        ["abstaining"]
+        ["abstaining", "stratified"]
+    assert [n for n in CRITERIA if CRITERIA[n]().stratifies_batches()] == ["stratified"]
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)

@@ -305,3 +305,42 @@ def test_the_training_step_is_traced_once_and_steps_as_the_warm_up_by_calls_does
     assert by_calls_before == by_calls_after and by_calls_before[0] > 1
     for ours, theirs in zip(outputs + state, by_calls + by_calls_state):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_split_batches_with_labels_deals_the_same_images_so_that_each_batch_is_mixed():
+    """`stratified`: the images kept, the batch size and the random stream are the paper's;
+    only the grouping changes, label by label, so that a center of 13 HC and 4 PD gives three
+    batches of five with one or two PD each, where a cut in order can leave one all HC."""
+    ids = _ids("h", 13) + _ids("p", 4)
+    labels = {s: int(s[0] == "p") for s in ids}
+    for seed in range(20):
+        plain_rng, dealt_rng = np.random.RandomState(seed), np.random.RandomState(seed)
+        plain = split_batches(ids, 5, plain_rng)
+        dealt = split_batches(ids, 5, dealt_rng, labels)
+        assert sorted(s for b in dealt for s in b) == sorted(s for b in plain for s in b)
+        assert [len(b) for b in dealt] == [5, 5, 5]
+        kept_pd = sum(labels[s] for b in plain for s in b)
+        counts = sorted(sum(labels[s] for s in b) for b in dealt)
+        assert counts[-1] - counts[0] <= 1 and sum(counts) == kept_pd
+        assert plain_rng.randint(1 << 30) == dealt_rng.randint(1 << 30)  # same stream used
+    # cut in order, some seed leaves a batch all HC; dealt, none does while three PD are kept
+    assert any(min(sum(labels[s] for s in b) for b in split_batches(ids, 5,
+                                                                   np.random.RandomState(k)))
+               == 0 for k in range(20))
+    # a center of one label, or one batch, is cut as the paper cuts it
+    hc = _ids("h", 11)
+    assert split_batches(hc, 5, np.random.RandomState(1), labels) == \
+        split_batches(hc, 5, np.random.RandomState(1))
+    mixed = ids[:4] + ids[-2:]
+    assert split_batches(mixed, 5, np.random.RandomState(2), labels) == \
+        split_batches(mixed, 5, np.random.RandomState(2))
+
+
+def test_cycle_batches_passes_the_labels_to_every_center():
+    centers = {"A": _ids("a", 8) + _ids("b", 2), "B": _ids("c", 10)}
+    labels = {s: int(s[0] == "b") for s in centers["A"]} | {s: 0 for s in centers["B"]}
+    seq = list(cycle_batches(centers, cycle_rng(SEED, 0), 5, labels=labels))
+    assert [sum(labels[s] for s in b) for c, b in seq if c == "A"] == [1, 1]
+    plain = list(cycle_batches(centers, cycle_rng(SEED, 0), 5))
+    assert [c for c, _ in seq] == [c for c, _ in plain]
+    assert [b for c, b in seq if c == "B"] == [b for c, b in plain if c == "B"]
