@@ -11,7 +11,7 @@ and a criterion (the recommended one by default), with other seeds of the contin
 in each cohort seed's demo folder (its cohort, pre-training and QC run reused: `make study`
 or `bench/qc_seeds.py` make them), and prints each order's AUROC, the difference, and the
 images the QC run eliminated and left pending. The no-QC runs' spread is how far the AUROC
-moves when only the order changes. Writes OUT/order_noise_SCENARIO.csv.
+moves when only the order changes. Writes OUT/order_noise_SCENARIO_CRITERION.csv.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     out, orders = Path(args.out), [int(o) for o in args.orders.split(",")]
     table = pd.DataFrame([row for seed in args.seeds.split(",") for row in run_seed(
         int(seed), out, args.scenario, orders, args.criterion)])
-    write_csv(out / f"order_noise_{args.scenario}.csv", table)
+    write_csv(out / f"order_noise_{args.scenario}_{args.criterion}.csv", table)
     print(table.to_string(index=False))
     print(table.groupby("seed")[["no QC", args.criterion, "difference"]]
           .agg(["mean", "std", "min", "max"]).round(4).to_string())
