@@ -198,6 +198,11 @@ class Criterion:
         `dqc.travel.split_batches`)."""
         return False
 
+    def borrows_witnesses(self) -> bool:
+        """Whether a revisit may draw witnesses of a label its center's kept images lack from
+        the center's images waiting for a later revisit (`pooled`)."""
+        return False
+
     def reads_validation_loss(self, n_images: int) -> bool:
         """Whether a validation loss is known for an update of n images (then a non-finite
         one flags it)."""
@@ -510,11 +515,31 @@ class Stratified(Abstaining):
         return True
 
 
+@dataclass(frozen=True)
+class Pooled(Abstaining):
+    """`abstaining`, but a revisit whose center has no kept image of a label draws witnesses
+    of that label from the center's images waiting for a later revisit. Under `abstaining`
+    a center's images of one label can all be waiting when the other label's are revisited
+    (flagged a cycle apart: a batch of one label is flagged, and so is the next): the revisit
+    batch is then of one label, its loss as high as a harmful center's, and good images are
+    eliminated (a whole center of seed 16 in one order of training). The step is undone
+    whatever its verdict, so a borrowed image is not trained; it is judged at its own
+    revisit."""
+
+    name: ClassVar[str] = "pooled"
+    summary: ClassVar[str] = ("abstaining, and a revisit's witnesses of a label its center's "
+                              "kept images lack are drawn from the center's waiting images")
+
+    def borrows_witnesses(self) -> bool:
+        return True
+
+
 #: The criteria by their command-line name.
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
                                                             HeldOut, Combined, Witnessed,
                                                             Confirmed, Anchored, Balanced,
-                                                            Separated, Abstaining, Stratified)}
+                                                            Separated, Abstaining, Stratified,
+                                                            Pooled)}
 
 
 def own_word_criteria() -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
-                          Witnessed, Confirmed, Anchored, Balanced, Separated, Abstaining,
+                          Witnessed, Confirmed, Anchored, Balanced, Separated, Abstaining, Pooled,
                           Verdict,
                           at_least,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
@@ -189,7 +189,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
                   "combined, witnessed, confirmed, anchored, balanced, separated, abstaining, "
-                  "stratified, got 'vibes'"),
+                  "stratified, pooled, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -200,17 +200,19 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
         ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores",
-         "scores", "scores", "scores", "scores", "scores"]
+         "scores", "scores", "scores", "scores", "scores", "scores"]
     assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
-        ["witnessed", "confirmed", "anchored", "balanced", "separated", "abstaining", "stratified"]
+        ["witnessed", "confirmed", "anchored", "balanced", "separated", "abstaining", "stratified",
+         "pooled"]
     assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == \
-        ["anchored", "balanced", "separated", "abstaining", "stratified"]
+        ["anchored", "balanced", "separated", "abstaining", "stratified", "pooled"]
     assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == \
-        ["balanced", "separated", "abstaining", "stratified"]
+        ["balanced", "separated", "abstaining", "stratified", "pooled"]
     assert [n for n in CRITERIA if CRITERIA[n]().separates_labels()] == ["separated"]
     assert [n for n in CRITERIA if not CRITERIA[n]().judges_one_label_centers()] == \
-        ["abstaining", "stratified"]
+        ["abstaining", "stratified", "pooled"]
     assert [n for n in CRITERIA if CRITERIA[n]().stratifies_batches()] == ["stratified"]
+    assert [n for n in CRITERIA if CRITERIA[n]().borrows_witnesses()] == ["pooled"]
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)
@@ -566,6 +568,47 @@ def test_abstaining_trains_a_center_of_one_label_unjudged_and_judges_the_others(
     assert math.isnan(s_rows[0]["LIMIT"])
     assert 0.9 not in abstaining.state.windows["train_loss:batch"]
     assert not any(b[0].startswith("s") for b in model.batches)  # no revisit of S
+
+
+def waiting_label_run(criterion) -> tuple[QualityControl, LabelMixModel]:
+    """Center W: 5 HC (w0-w4) and 2 PD (v0, v1), met as a batch of each label in cycles 10
+    and 11 (both flagged, 0.9 against a window of ~0.1), so that the HC are revisited in
+    cycle 12 while the PD wait for cycle 13; center H is harmful and mixed, flagged in 10."""
+    labels = {f"w{i}": 0 for i in range(5)} | {"v0": 1, "v1": 1} | \
+        {f"h{i}": i % 2 for i in range(5)}
+    model = LabelMixModel(labels)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=criterion, revisit=2,
+                        studies={s: "H" if s[0] == "h" else "W" for s in labels}, labels=labels)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=1, pretraining=[0.1 + i / 1000 for i in range(20)])
+    for cycle, center, ids in ((10, "W", [f"w{i}" for i in range(5)]),
+                               (10, "H", [f"h{i}" for i in range(5)]), (11, "W", ["v0", "v1"])):
+        qc.start_cycle(cycle)
+        qc.verify_batch(center, ids)
+    qc.start_cycle(12)
+    model.batches.clear()
+    qc.revisit_pass()
+    return qc, model
+
+
+def test_pooled_borrows_a_label_the_kept_images_lack_from_the_center_waiting_images():
+    """In cycle 12 W's five HC are revisited and its two PD wait for cycle 13: W has no kept
+    image. `abstaining` judges each HC with the other four (a batch of one label, 0.9) and
+    eliminates all five; `pooled` draws both waiting PD as witnesses (a mixed batch, 0.1),
+    and the HC are back in training, the PD still waiting. H is eliminated under both."""
+    harmful, hc = {f"h{i}" for i in range(5)}, {f"w{i}" for i in range(5)}
+    abstaining, model_a = waiting_label_run(Abstaining(z=3.0, window=20))
+    pooled, model_p = waiting_label_run(Pooled(z=3.0, window=20))
+    assert abstaining.eliminated() == harmful | hc
+    assert pooled.eliminated() == harmful
+    assert all(pooled.status(s) == "kept" for s in hc)
+    assert pooled.waiting() == {"v0", "v1"} and pooled.state.images["v0"].times_flagged == 1
+    for batch in model_p.batches:
+        if batch[0] in hc or set(batch) & hc:
+            assert {"v0", "v1"} <= set(batch) and len(batch) == 5
+    assert not any({"v0", "v1"} & set(b) for b in model_a.batches)
+    assert not any(s.startswith("w") for b in model_p.batches if b[0].startswith("h") for s in b)
 
 
 def test_one_label_centers():
