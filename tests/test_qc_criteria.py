@@ -477,28 +477,37 @@ class LabelMixModel:
         pass
 
 
+def mixed_run(criterion, labels: dict[str, int], studies: dict[str, str],
+              steps: list[tuple[int, str, list[str]]]) -> tuple[QualityControl, LabelMixModel]:
+    """`LabelMixModel`'s batches (cycle, center, ids) verified in order, after a window of
+    ~0.1, then cycle 12's revisit pass (its batches alone kept by the model)."""
+    model = LabelMixModel(labels)
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=criterion, revisit=2, studies=studies,
+                        labels=labels if criterion.mixes_witnesses() else None)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=1, pretraining=[0.1 + i / 1000 for i in range(20)])
+    for cycle, center, ids in steps:
+        qc.start_cycle(cycle)
+        qc.verify_batch(center, ids)
+    qc.start_cycle(12)
+    model.batches.clear()
+    qc.revisit_pass()
+    return qc, model
+
+
 def label_mix_run(criterion) -> tuple[QualityControl, LabelMixModel]:
     """Center M: 15 HC (m0-m14) and 2 PD (n0, n1); its first batch is all HC and is flagged
     (0.9 against a window of ~0.1), its others are mixed and kept. Center H is harmful and
     mixed; center S is two PD images, all it has. Revisits in cycle 12."""
     labels = {f"m{i}": 0 for i in range(15)} | {"n0": 1, "n1": 1} | \
         {f"h{i}": i % 2 for i in range(5)} | {"s0": 1, "s1": 1}
-    model = LabelMixModel(labels)
-    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
-                        criterion=criterion, revisit=2,
-                        studies={s: "M" if s[0] in "mn" else s[0].upper() for s in labels},
-                        labels=labels if criterion.mixes_witnesses() else None)
-    qc.baseline()
-    qc.calibrate(batch_size=5, seed=1, pretraining=[0.1 + i / 1000 for i in range(20)])
-    qc.start_cycle(10)
-    for center, ids in (("M", [f"m{i}" for i in range(5)]), ("M", ["m5", "m6", "m7", "m8", "n0"]),
-                        ("M", ["m9", "m10", "m11", "m12", "n1"]), ("M", ["m13", "m14", "n0"]),
-                        ("H", [f"h{i}" for i in range(5)]), ("S", ["s0", "s1"])):
-        qc.verify_batch(center, ids)
-    qc.start_cycle(12)
-    model.batches.clear()
-    qc.revisit_pass()
-    return qc, model
+    steps = [(10, c, ids) for c, ids in (
+        ("M", [f"m{i}" for i in range(5)]), ("M", ["m5", "m6", "m7", "m8", "n0"]),
+        ("M", ["m9", "m10", "m11", "m12", "n1"]), ("M", ["m13", "m14", "n0"]),
+        ("H", [f"h{i}" for i in range(5)]), ("S", ["s0", "s1"]))]
+    return mixed_run(criterion, labels, {s: "M" if s[0] in "mn" else s[0].upper() for s in labels},
+                     steps)
 
 
 def test_balanced_revisits_a_majority_label_image_with_witnesses_of_both_labels():
@@ -576,20 +585,9 @@ def waiting_label_run(criterion) -> tuple[QualityControl, LabelMixModel]:
     cycle 12 while the PD wait for cycle 13; center H is harmful and mixed, flagged in 10."""
     labels = {f"w{i}": 0 for i in range(5)} | {"v0": 1, "v1": 1} | \
         {f"h{i}": i % 2 for i in range(5)}
-    model = LabelMixModel(labels)
-    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
-                        criterion=criterion, revisit=2,
-                        studies={s: "H" if s[0] == "h" else "W" for s in labels}, labels=labels)
-    qc.baseline()
-    qc.calibrate(batch_size=5, seed=1, pretraining=[0.1 + i / 1000 for i in range(20)])
-    for cycle, center, ids in ((10, "W", [f"w{i}" for i in range(5)]),
-                               (10, "H", [f"h{i}" for i in range(5)]), (11, "W", ["v0", "v1"])):
-        qc.start_cycle(cycle)
-        qc.verify_batch(center, ids)
-    qc.start_cycle(12)
-    model.batches.clear()
-    qc.revisit_pass()
-    return qc, model
+    steps = [(10, "W", [f"w{i}" for i in range(5)]), (10, "H", [f"h{i}" for i in range(5)]),
+             (11, "W", ["v0", "v1"])]
+    return mixed_run(criterion, labels, {s: "H" if s[0] == "h" else "W" for s in labels}, steps)
 
 
 def test_pooled_borrows_a_label_the_kept_images_lack_from_the_center_waiting_images():
