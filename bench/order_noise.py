@@ -27,6 +27,7 @@ from dqc.demo import DemoConfig, Stages
 from dqc.errors import DQCError
 from dqc.io import write_csv
 from dqc.report import auroc, finding_cycles
+from dqc.study import UNTUNED_SEEDS
 
 
 def order_runs(st: Stages, scenario: str, order: int, criterion: str
@@ -84,7 +85,8 @@ def run_seed(seed: int, out: Path, scenario: str, orders: list[int], criterion: 
 def main(argv=None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--out", default="study_out", help="folder: one demo folder per seed")
-    p.add_argument("--seeds", default="16,17,18", help="cohort seeds, comma-separated")
+    p.add_argument("--seeds", default=",".join(map(str, UNTUNED_SEEDS)),
+                   help="cohort seeds, comma-separated (default: the study's untuned ones)")
     p.add_argument("--scenario", default="C", choices=("A", "B", "C"),
                    help="the demo's scenario (A whole harmful centers, B single harmful "
                         "images, C none)")

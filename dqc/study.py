@@ -35,12 +35,13 @@ from dqc.io import write_csv, write_text
 #: 1 and 2 informed the choice of `anchored`, 3-5 had been seen before it, 6-8, its untuned
 #: seeds, informed z = 4, 9-11, z = 4's untuned seeds, its revert, and 1-11 the choice of
 #: `balanced` (docs/method.md, docs/study.md), 12-14 were its untuned seeds (15 ran beside
-#: them), and 1-15 informed `abstaining`. 16-18 had never been drawn before it.
-TUNING_SEEDS = tuple(range(1, 16))
-UNTUNED_SEEDS = (16, 17, 18)
+#: them), 1-15 informed `abstaining`, 16-18, its untuned seeds, informed `pooled` (and
+#: `stratified`, not chosen). 19-21 had never been drawn before `pooled` was chosen.
+TUNING_SEEDS = tuple(range(1, 19))
+UNTUNED_SEEDS = (19, 20, 21)
 #: The criteria each seed runs, each at its defaults: the demo's (the paper's rule and the
-#: recommended criterion) and `balanced`, recommended before `abstaining`, for the record.
-CRITERIA = (*RULES, "balanced")
+#: recommended criterion) and `abstaining`, recommended before `pooled`, for the record.
+CRITERIA = (*RULES, "abstaining")
 #: The table's figures of a QC run (keys of the demo's summary.json) and their labels.
 METRICS = {"harmful_eliminated": "harmful eliminated",
            "harmful_flagged": "harmful flagged",
