@@ -501,11 +501,11 @@ class Stratified(Abstaining):
     """`abstaining`, but the regular pass deals each center's batches label by label: the
     same images in each cycle, in batches of the same size, each holding both labels as
     evenly as its center's images allow. In training mode BatchNorm takes the batch's mean
-    out, so a good batch of one label has a loss as high as an inverted one's (on seed 17's
-    cycle-9 model: 0.94 for five good images of one label, 0.30 with one of the other, 0.12
-    with two; inverted batches 0.46-1.10): under `abstaining` such batches at centers of both
-    labels are flagged and wait for their revisit, out of training. A departure from the
-    paper's loop, which shuffles a center's images and cuts them in order."""
+    out, so a good batch of one label has a loss nearly as high as an inverted one's
+    (`bench/batch_composition.py`; docs/method.md, "Batches dealt by label"): under
+    `abstaining` such batches at centers of both labels are flagged and wait for their
+    revisit, out of training. A departure from the paper's loop, which shuffles a center's
+    images and cuts them in order. Measured and not recommended."""
 
     name: ClassVar[str] = "stratified"
     summary: ClassVar[str] = ("abstaining, and each center's batches are dealt label by label "

@@ -27,7 +27,8 @@ START, STOP, SEED = 1, 4, 42
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("stratified")
     built = pretrained(root, cycles=START, n_train=27)
-    table = load_table(built["train"], "train").iloc[:27].reset_index(drop=True)
+    table = load_table(built["train"], "train")
+    assert len(table) == 27
     table["Study"] = ["A"] * 15 + ["B"] * 12
     table["Group_bin"] = [0] * 10 + [1] * 5 + [0, 1] * 6
     return built, table, root
