@@ -517,18 +517,19 @@ class Stratified(Abstaining):
 
 @dataclass(frozen=True)
 class Pooled(Abstaining):
-    """`abstaining`, but a revisit whose center has no kept image of a label draws witnesses
-    of that label from the center's images waiting for a later revisit. Under `abstaining`
-    a center's images of one label can all be waiting when the other label's are revisited
-    (flagged a cycle apart: a batch of one label is flagged, and so is the next): the revisit
-    batch is then of one label, its loss as high as a harmful center's, and good images are
-    eliminated (a whole center of seed 16 in one order of training). The step is undone
-    whatever its verdict, so a borrowed image is not trained; it is judged at its own
-    revisit."""
+    """`abstaining`, but a revisit whose batch would lack a label (neither the suspect nor
+    its center's kept images hold it) draws witnesses of that label from the center's images
+    waiting for a later revisit. Under `abstaining` a center's images of one label can all
+    be waiting when the other label's are revisited (flagged a cycle apart: a batch of one
+    label is flagged, and so is the next): the revisit batch is then of one label, its loss
+    as high as a harmful center's, and good images are eliminated (a whole center of seed 16
+    in one order of training). The step is undone whatever its verdict, so a borrowed image
+    is not trained; it is judged at its own revisit. A label the batch already holds is not
+    borrowed: it would displace a co-suspect of the other label (seed 20, docs/method.md)."""
 
     name: ClassVar[str] = "pooled"
-    summary: ClassVar[str] = ("abstaining, and a revisit's witnesses of a label its center's "
-                              "kept images lack are drawn from the center's waiting images")
+    summary: ClassVar[str] = ("abstaining, and a revisit's witnesses of a label its batch "
+                              "would lack are drawn from the center's waiting images")
 
     def borrows_witnesses(self) -> bool:
         return True

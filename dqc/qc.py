@@ -657,16 +657,17 @@ class QualityControl:
         number of kept images of their center (neither eliminated nor waiting for a
         revisit), drawn at random (to balance the batch's labels where the criterion says,
         `mixed_draw`); where the center has too few, the rest from the other suspects
-        revisited at that center (`co_suspects`). Under `pooled`, a label the kept images lack
-        is drawn from the center's images waiting for a later revisit, with the kept ones."""
+        revisited at that center (`co_suspects`). Under `pooled`, a label that neither the
+        suspects nor the kept images hold is drawn from the center's images waiting for a
+        later revisit, with the kept ones."""
         study = self.state.images[subjects[0]].study
         n = self.state.calibration.get("batch_size", 1) - len(subjects)
         at_center = [s for s, r in self.state.images.items() if r.study == study]
         picked: list[str] = []
         others = [s for s in due if s not in subjects and self.state.images[s].study == study]
         kept = [s for s in self.select(study, at_center) if s not in due]
-        if self.criterion.borrows_witnesses():  # a label the kept lack, from later revisits
-            have, later = {self.labels[s] for s in kept}, self.waiting()
+        if self.criterion.borrows_witnesses():  # a label the batch lacks, from later revisits
+            have, later = {self.labels[s] for s in [*subjects, *kept]}, self.waiting()
             kept += [s for s in at_center if s in later and self.labels[s] not in have]
         for pool in (kept, others if co_suspects else []):
             take = min(n - len(picked), len(pool))

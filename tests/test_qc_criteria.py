@@ -609,6 +609,26 @@ def test_pooled_borrows_a_label_the_kept_images_lack_from_the_center_waiting_ima
     assert not any(s.startswith("w") for b in model_p.batches if b[0].startswith("h") for s in b)
 
 
+def test_pooled_borrows_no_label_the_suspect_already_holds():
+    """Seed 20's case: in cycle 12 W's HC w0-w4 and its PD u0 are revisited, its HC x0-x4
+    wait for cycle 13 and its one kept image is the PD v0. The batch of an HC suspect holds
+    both labels with v0, so nothing is borrowed: its witnesses are v0, the PD co-suspect u0
+    and HC co-suspects (3 HC + 2 PD), never a waiting x (borrowing HC, the suspects' own
+    label, made 4 HC + 1 PD and displaced u0)."""
+    labels = {f"w{i}": 0 for i in range(5)} | {f"x{i}": 0 for i in range(5)} | \
+        {"u0": 1, "v0": 1}
+    steps = [(10, "W", [f"w{i}" for i in range(5)]), (10, "W", ["u0"]),
+             (11, "W", [f"x{i}" for i in range(5)])]
+    pooled, model = mixed_run(Pooled(z=3.0, window=20), labels, dict.fromkeys(labels, "W"), steps)
+    assert pooled.waiting() == {f"x{i}" for i in range(5)}
+    hc_revisits = [b for b in model.batches if b[0].startswith("w")]
+    assert len(hc_revisits) == 5
+    for batch in hc_revisits:
+        assert {"u0", "v0"} <= set(batch) and len(batch) == 5
+        assert not any(s.startswith("x") for s in batch)
+    assert pooled.eliminated() == set()
+
+
 def test_one_label_centers():
     studies = {"a": "A", "b": "A", "c": "B", "d": "B", "e": "C"}
     assert one_label_centers(studies, {"a": 0, "b": 1, "c": 1, "d": 1, "e": 0}) == ["B", "C"]
