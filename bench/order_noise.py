@@ -69,8 +69,7 @@ def run_seed(seed: int, out: Path, scenario: str, orders: list[int], criterion: 
     for order in orders:
         runs = order_runs(st, scenario, order, criterion)
         for name, (folder, prefix) in runs.items():
-            st.stage(f"inference {name}", (st.out / "inference" / f"{name}_metrics.csv")
-                     .is_file(), lambda n=name, f=folder, x=prefix: st.infer(n, f, x, cycles))
+            st.score(name, folder, prefix, cycles)
         no_qc, qc = runs
         found = json.loads((runs[qc][0] / "qc_summary.json").read_text())["detection"]
         a, b = auroc(st.out, no_qc, cycles)[0], auroc(st.out, qc, cycles)[0]

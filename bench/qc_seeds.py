@@ -49,8 +49,7 @@ def run_seed(seed: int, out: Path, criteria: tuple[str, ...], scenarios: tuple[s
             runs.append(f"qc_{s}_{k}")
     folders, cycles = st.runs(), finding_cycles(c)
     for run in runs:
-        st.stage(f"inference {run}", (st.out / "inference" / f"{run}_metrics.csv").is_file(),
-                 lambda run=run: st.infer(run, *folders[run], cycles=cycles))
+        st.score(run, *folders[run], cycles=cycles)
     rows, clean = [], auroc(st.out, "clean", cycles)[0]
     for s in scenarios:
         no_qc = st.no_qc_run(s)

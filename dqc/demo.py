@@ -313,6 +313,22 @@ class Stages:
                                               verbose=self.config.verbose)
         write_outputs(metrics, predictions, output_paths(self.out / "inference", name))
 
+    def scored(self, name: str, folder: Path, prefix: str) -> bool:
+        """Whether run `name`'s test metrics exist and are newer than each of its cycle
+        models: a run trained again after it was scored (its folder removed and rerun) is
+        scored again, never reported with the earlier run's metrics."""
+        metrics = self.out / "inference" / f"{name}_metrics.csv"
+        if not metrics.is_file():
+            return False
+        models = [*Path(folder).glob(f"{prefix}_encoder_*"),
+                  *Path(folder).glob(f"{prefix}_classifier_*")]
+        return all(m.stat().st_mtime <= metrics.stat().st_mtime for m in models)
+
+    def score(self, name: str, folder: Path, prefix: str, cycles: range | None = None) -> None:
+        """The stage that scores run `name` on the test set unless it is `scored`."""
+        self.stage(f"inference {name}", self.scored(name, folder, prefix),
+                   lambda: self.infer(name, folder, prefix, cycles))
+
     # --- the whole run -----------------------------------------------------------------
     def _dirty(self, scenario: str) -> None:
         from dqc import checkpoint
@@ -348,9 +364,7 @@ class Stages:
                            (self.qc_dir(s, criterion) / "qc_summary.json").is_file(),
                            lambda s=s, k=criterion: self.quality_control(s, k))
         for name, (folder, prefix) in self.runs().items():
-            self.stage(f"inference {name}",
-                       (self.out / "inference" / f"{name}_metrics.csv").is_file(),
-                       lambda n=name, f=folder, p=prefix: self.infer(n, f, p))
+            self.score(name, folder, prefix)
         from dqc.report import write_report
 
         start = time.perf_counter()

@@ -156,6 +156,32 @@ def _qc(result: dict, key: str, criterion: str) -> dict:
     return next(r for r in result["scenarios"][key]["qc"] if r["criterion"] == criterion)
 
 
+def test_a_run_trained_again_after_it_was_scored_is_scored_again(tmp_path: Path):
+    """A run's test metrics are reused only while they are newer than each of its cycle
+    models: rerunning a QC run into its removed folder must not report the old metrics."""
+    import os
+
+    st = Stages(DemoConfig(out=tmp_path))
+    run = tmp_path / "qc_A_pooled"
+    run.mkdir()
+    models = [run / f"qc_{part}_{c:03d}.keras" for part in ("encoder", "classifier")
+              for c in (10, 11)]
+    for i, path in enumerate(models):
+        path.write_bytes(b"")
+        os.utime(path, (1000 + i, 1000 + i))
+    assert not st.scored("qc_A_pooled", run, "qc")  # never scored
+    metrics = tmp_path / "inference" / "qc_A_pooled_metrics.csv"
+    metrics.parent.mkdir()
+    metrics.write_text("cycle,auroc\n")
+    os.utime(metrics, (2000, 2000))
+    other = run / "tm_encoder_011.keras"  # another run's file in the folder: not this run's
+    other.write_bytes(b"")
+    os.utime(other, (3000, 3000))
+    assert st.scored("qc_A_pooled", run, "qc")
+    os.utime(models[-1], (2500, 2500))  # cycle 11 trained again after the scoring
+    assert not st.scored("qc_A_pooled", run, "qc")
+
+
 def test_summary_averages_the_last_cycles(crafted):
     assert crafted["finding_cycles"] == [3, 5]
     assert crafted["clean_auroc"] == pytest.approx(0.80)
