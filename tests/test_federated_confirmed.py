@@ -6,12 +6,15 @@ builds its own `federated_case` (seconds) rather than lengthen the longest group
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from helpers import assert_same_qc_outputs
 
 CYCLES = 5  # cycles 3..4 after the pre-trained 0..2; R = 1: cycle 3's suspects revisit in 4
 
 
+@pytest.mark.decisions  # make test runs it again with oneDNN off: the federated decisions,
+# in process (the Ray run of tests/test_federated_simulation.py would take minutes more)
 def test_confirmed_gives_one_machines_decisions_with_confirmation_at_the_centers(
         federated_case: dict):
     """The log, the eliminated set and the models are one machine's."""

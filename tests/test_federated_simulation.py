@@ -86,7 +86,6 @@ def simulated(federated_case: dict) -> dict:
     return {"out": out, "figures": figures, "opened": spy.paths}
 
 
-@pytest.mark.decisions
 def test_same_log_decisions_and_models_as_one_machine(single: Path, simulated: dict):
     fed = assert_same_qc_outputs(single, simulated["out"], last_cycle=CYCLES - 1)
     assert list(fed.columns) == ["Cycle", "Subject", "Study", "ACC", "FP", "FN", "PFP", "PFN",
