@@ -199,8 +199,9 @@ class Criterion:
         return False
 
     def borrows_witnesses(self) -> bool:
-        """Whether a revisit may draw witnesses of a label its center's kept images lack from
-        the center's images waiting for a later revisit (`pooled`)."""
+        """Whether a revisit may draw witnesses of a label its batch would lack (neither the
+        suspects nor the center's kept images hold it) from the center's images waiting for a
+        later revisit (`pooled`)."""
         return False
 
     def reads_validation_loss(self, n_images: int) -> bool:

@@ -31,11 +31,12 @@ RECOMMENDED_WHY = ("a batch's own training loss sees harm at no validation cost,
                    "judged alone (BatchNorm over one image is nearly blind), a revisit is not "
                    "judged harmful merely because the window fell while its image waited, its "
                    "witnesses hold both labels, drawn from the center's waiting images where "
-                   "its kept ones lack a label, and a center of one label, whose batch loss "
-                   "cannot tell (BatchNorm takes the batch's mean out), is named and left "
-                   "unjudged; on the tuning seeds 16-18, each in five orders of training, it "
-                   "eliminated as many images of the whole harmful centers as abstaining and "
-                   "18 good ones in 30 runs against 65 (docs/method.md)")
+                   "neither the suspect nor its kept ones hold a label, and a center of one "
+                   "label, whose batch loss cannot tell (BatchNorm takes the batch's mean "
+                   "out), is named and left unjudged; on the tuning seeds 16-18, each in five "
+                   "orders of training, it eliminated as many images of the whole harmful "
+                   "centers as abstaining and 16 good ones in 30 runs against 65 "
+                   "(docs/method.md)")
 #: mcnemar's significance level.
 ALPHA = 0.05
 #: The self-set threshold: median + Z * 1.4826 * MAD of the last WINDOW accepted statistics

@@ -320,9 +320,9 @@ class Stages:
         metrics = self.out / "inference" / f"{name}_metrics.csv"
         if not metrics.is_file():
             return False
-        models = [*Path(folder).glob(f"{prefix}_encoder_*"),
-                  *Path(folder).glob(f"{prefix}_classifier_*")]
-        return all(m.stat().st_mtime <= metrics.stat().st_mtime for m in models)
+        stamp = metrics.stat().st_mtime
+        return all(m.stat().st_mtime <= stamp for part in ("encoder", "classifier")
+                   for m in Path(folder).glob(f"{prefix}_{part}_*"))
 
     def score(self, name: str, folder: Path, prefix: str, cycles: range | None = None) -> None:
         """The stage that scores run `name` on the test set unless it is `scored`."""
