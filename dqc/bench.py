@@ -2,11 +2,13 @@
 
     python -m dqc.bench --cohort demo_out/cohort --cycles 1 --compare
     python -m dqc.bench --synthetic 40,360 --shape 160x192x160 --cycles 1
+    python -m dqc.bench --cohort demo_out/cohort --modes fast,unfolded -en ... -pd ...
 
 Each mode runs in its own process (so its peak memory is its own) and writes a JSON record;
 `--compare` runs the fast path and `--naive` (the authors' way: every validation image read
 from disk and predicted alone after every update, weights copied to the host for undo) on the
-same data, checks that both made the same decisions, and reports the speed-up.
+same data, checks that both made the same decisions, and reports the speed-up. `unfolded` is
+the fast path predicting with the BatchNormalization layers as trained (`dqc.folding`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dqc.data import array_to_image, parse_shape
 from dqc.errors import DQCError
 
 MODES = {"fast": [], "naive": ["--naive"], "nocache": ["--no-cache"],
-         "mixed": ["--mixed-precision"]}
+         "mixed": ["--mixed-precision"], "unfolded": ["--unfolded"]}
 
 
 def synthetic_cohort(out: Path, n_train: int, n_val: int, shape: tuple[int, int, int],
@@ -59,7 +61,7 @@ def synthetic_cohort(out: Path, n_train: int, n_val: int, shape: tuple[int, int,
 
 def run_mode(args) -> dict:
     """One QC run with timings, in this process; returns the JSON record."""
-    from dqc.runs import QCSpec, RunSpec, authors_way, run_quality_control
+    from dqc.runs import Execution, QCSpec, RunSpec, authors_way, run_quality_control
 
     out = Path(args.out) / args.mode_name
     spec = RunSpec(train_csv=args.train, out=str(out), prefix="bench",
@@ -69,6 +71,8 @@ def run_mode(args) -> dict:
                    verbose=not args.quiet,
                    echo=lambda line: print(line, file=sys.stderr))
     spec = authors_way(spec) if args.naive else spec
+    if args.unfolded:  # the fast path, predicting with the BatchNorm layers as trained
+        spec.execution = Execution(fold_batchnorm=False)
     timings = spec.execution.timings
     start = time.perf_counter()
     policy = run_quality_control(spec, QCSpec(val_csv=args.val, error=args.error,
@@ -132,6 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--naive", action="store_true", help=argparse_hidden())
     p.add_argument("--no-cache", action="store_true", help=argparse_hidden())
     p.add_argument("--mixed-precision", action="store_true", help=argparse_hidden())
+    p.add_argument("--unfolded", action="store_true", help=argparse_hidden())
     return p.parse_args(argv)
 
 

@@ -46,6 +46,9 @@ class Execution:
         Move a cached validation set to the device once; else read it at every evaluation.
     host_snapshots:
         Undo through weights copied to the host (the authors' way) instead of on the device.
+    fold_batchnorm:
+        Predict with each BatchNormalization folded into the convolution before it
+        (`dqc.folding`); the authors' way predicts with the layers as trained.
     timings:
         The run's stopwatches: where its time goes.
     """
@@ -53,6 +56,7 @@ class Execution:
     prefetch: bool = True
     validation_on_device: bool = True
     host_snapshots: bool = False
+    fold_batchnorm: bool = True
     timings: Timings = field(default_factory=Timings)
 
 
@@ -93,7 +97,8 @@ def authors_way(spec: RunSpec) -> RunSpec:
     undo through the host. Same decisions, same timings object."""
     return replace(spec, cache=False, eval_batch_size=1,
                    execution=Execution(prefetch=False, validation_on_device=False,
-                                       host_snapshots=True, timings=spec.execution.timings))
+                                       host_snapshots=True, fold_batchnorm=False,
+                                       timings=spec.execution.timings))
 
 
 #: The models a run starts from, and their authors' pair when they came from their files.
@@ -111,7 +116,8 @@ def _start(spec: RunSpec, table: pd.DataFrame
     training image.
     """
     options = {"eval_batch_size": spec.eval_batch_size,
-               "host_snapshots": spec.execution.host_snapshots}
+               "host_snapshots": spec.execution.host_snapshots,
+               "fold_batchnorm": spec.execution.fold_batchnorm}
     last = checkpoint.last_complete_cycle(spec.out, spec.prefix) if spec.resume else None
     if last is not None and last >= spec.cycles.start:
         paths = checkpoint.cycle_paths(spec.out, spec.prefix, last)

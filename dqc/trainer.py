@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from dqc import defaults
+from dqc.folding import fold
 from dqc.model import stack
 from dqc.runtime import announce
 from dqc.timing import Timings
@@ -44,7 +45,8 @@ class Trainer:
     """The stacked encoder+classifier with one Adam optimizer and binary cross-entropy."""
 
     def __init__(self, encoder: keras.Model, classifier: keras.Model, eval_batch_size: int = defaults.EVAL_BATCH_SIZE,
-                 jit_compile: bool | str | None = None, host_snapshots: bool = False):
+                 jit_compile: bool | str | None = None, host_snapshots: bool = False,
+                 fold_batchnorm: bool = True):
         announce()  # the backend starts computing here: name it, device and precision
         self.encoder, self.classifier = encoder, classifier
         self.model = stack(encoder, classifier)
@@ -56,6 +58,9 @@ class Trainer:
         self.optimizer.build(self.model.trainable_variables)
         self.eval_batch_size = eval_batch_size
         self.host_snapshots = host_snapshots  # the authors' way: copy weights to the host
+        # predictions through one convolution per Conv3D+BN pair (dqc.folding); the authors'
+        # way predicts with the layers as trained
+        self.folded = fold(encoder, classifier) if fold_batchnorm else None
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -69,14 +74,16 @@ class Trainer:
         per shape) by steps on batches of 1 and 2, the state restored after them.
         """
         shape = tuple(self.model.input.shape[1:])
-        if keras.backend.backend() == "tensorflow" and trace_for_any_batch(self.model, shape):
+        if keras.backend.backend() == "tensorflow" and trace_for_any_batch(self.model, shape) \
+                and (self.folded is None or trace_prediction_for_any_batch(self.folded, shape)):
             return
         saved = self.snapshot()
         for n in (1, 2):
             x = np.zeros((n, *shape), np.float32)
             self.model.train_on_batch(x, np.zeros((n, 1), np.float32))
-            self.model.predict_on_batch(x)
-            self.model.predict_on_batch(x.astype(np.uint8))  # validation sets stay uint8
+            for model in (self.model, self.folded or self.model):
+                model.predict_on_batch(x)
+                model.predict_on_batch(x.astype(np.uint8))  # validation sets stay uint8
         self.restore(saved)
 
     # --- training --------------------------------------------------------------------------
@@ -103,7 +110,10 @@ class Trainer:
 
         x is a numpy array or a backend tensor already on the device (see `on_device`).
         """
-        return predict_in_batches(self.model, x, self.eval_batch_size)
+        if self.folded is None:
+            return predict_in_batches(self.model, x, self.eval_batch_size)
+        self.folded.sync()
+        return predict_in_batches(self.folded, x, self.eval_batch_size)
 
     @staticmethod
     def on_device(x: np.ndarray):
@@ -189,19 +199,31 @@ def trace_for_any_batch(model: keras.Model, shape: tuple[int, ...]) -> bool:
     """
     import tensorflow as tf
 
-    model.make_predict_function()
-    step, predict = keras_train_step(model), model.predict_function
-    if not (hasattr(step, "get_concrete_function") and hasattr(predict, "get_concrete_function")):
+    step = keras_train_step(model)
+    if not hasattr(step, "get_concrete_function"):
         return False
     x, y = np.zeros((2, *shape), np.float32), np.zeros((2, 1), np.float32)
     model.compute_metrics(x, y, model(x), sample_weight=None)
     model.reset_metrics()
+    if not trace_prediction_for_any_batch(model, shape):
+        return False
+    step.get_concrete_function((tf.TensorSpec((None, *shape), tf.float32),
+                                tf.TensorSpec((None, 1), tf.float32), None))
+    return True
 
-    def any_batch(dtype, *dims: int) -> tf.TensorSpec:
-        return tf.TensorSpec((None, *dims), dtype)
-    step.get_concrete_function((any_batch(tf.float32, *shape), any_batch(tf.float32, 1), None))
-    for dtype in (tf.float32, tf.uint8):  # validation sets stay uint8
-        predict.get_concrete_function([(any_batch(dtype, *shape),)])
+
+def trace_prediction_for_any_batch(model: keras.Model, shape: tuple[int, ...]) -> bool:
+    """TensorFlow: trace a model's `predict_on_batch` once for float32 and once for uint8
+    volumes (validation sets stay uint8), for an unknown batch size; False, having traced
+    nothing, where Keras' prediction function is not a `tf.function`."""
+    import tensorflow as tf
+
+    model.make_predict_function()
+    predict = model.predict_function
+    if not hasattr(predict, "get_concrete_function"):
+        return False
+    for dtype in (tf.float32, tf.uint8):
+        predict.get_concrete_function([(tf.TensorSpec((None, *shape), dtype),)])
     return True
 
 
