@@ -97,6 +97,16 @@ def at_least(verdict: Verdict, floor: float | None) -> Verdict:
     return Verdict(verdict.statistic > floor + TOLERANCE, verdict.statistic, floor)
 
 
+def center_floor(level: float | None, window: Sequence[float], z: float) -> float | None:
+    """The least limit a batch of a center is judged against under `centered`: its center's
+    last accepted batch statistic (`level`) plus the run's spread above the median of the
+    window (limit - median). None (no floor) where the center has no accepted batch yet or
+    the window is too short to decide."""
+    if level is None or not math.isfinite(level) or len(window) < MIN_WINDOW:
+        return None
+    return level + robust_limit(window, z) - statistics.median(window)
+
+
 def self_set_verdict(statistic: float, window: Sequence[float], z: float) -> Verdict:
     """Harmful when the statistic is a high outlier among the run's accepted ones (`window`).
 
@@ -202,6 +212,11 @@ class Criterion:
         """Whether a revisit may draw witnesses of a label its batch would lack (neither the
         suspects nor the center's kept images hold it) from the center's images waiting for a
         later revisit (`pooled`)."""
+        return False
+
+    def judges_against_center(self) -> bool:
+        """Whether a batch of a center is judged against at least its center's own last
+        accepted batch statistic plus the run's spread (`centered`, `center_floor`)."""
         return False
 
     def reads_validation_loss(self, n_images: int) -> bool:
@@ -536,12 +551,31 @@ class Pooled(Abstaining):
         return True
 
 
+@dataclass(frozen=True)
+class Centered(Pooled):
+    """`pooled`, but a batch of a center that has had a batch accepted in this run is judged
+    against at least that center's last accepted batch loss plus the run's spread (the
+    window's limit minus its median; `center_floor`). A small center whose images are harder
+    than the rest (a scanner, a population) has a batch loss above the pool's; the window
+    falls as the model learns, and such a center, accepted in one cycle, is flagged in the
+    next at the same loss and eliminated whole at its revisit (seed 22's C15, seed 23's C14).
+    A center none of whose batches was accepted is judged by the pool alone, as under
+    `pooled`: no batch of a wholly harmful center was accepted on seeds 16-24. A candidate."""
+
+    name: ClassVar[str] = "centered"
+    summary: ClassVar[str] = ("pooled, and a center's batch is judged against at least its "
+                              "own last accepted batch loss plus the run's spread")
+
+    def judges_against_center(self) -> bool:
+        return True
+
+
 #: The criteria by their command-line name.
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (Rates, Loss, McNemar, TrainLoss,
                                                             HeldOut, Combined, Witnessed,
                                                             Confirmed, Anchored, Balanced,
                                                             Separated, Abstaining, Stratified,
-                                                            Pooled)}
+                                                            Pooled, Centered)}
 
 
 def own_word_criteria() -> list[str]:

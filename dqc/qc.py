@@ -18,7 +18,7 @@ import numpy as np
 
 # LOG_COLUMNS, TOLERANCE and per_image_tolerance_problems: re-exported
 from dqc.criteria import (LOG_COLUMNS, MIN_WINDOW, PRETRAINING_WINDOW,  # noqa: F401
-                          TOLERANCE, Criterion, Rates, Verdict, at_least,
+                          TOLERANCE, Criterion, Rates, Verdict, at_least, center_floor,
                           per_image_tolerance_problems, rates_verdict)
 from dqc.errors import DQCError
 
@@ -187,6 +187,7 @@ class QCState:
     schedule: dict[int, list[str]] = field(default_factory=dict)  # revisit cycle -> subjects
     images: dict[str, ImageRecord] = field(default_factory=dict)
     windows: dict[str, list[float]] = field(default_factory=dict)  # accepted statistics
+    levels: dict[str, float] = field(default_factory=dict)  # center -> last accepted batch's
     calibration: dict = field(default_factory=dict)  # `QualityControl.calibrate`'s cost
 
     def to_json(self) -> dict:
@@ -194,7 +195,8 @@ class QCState:
                 "log": self.log,
                 "schedule": {str(k): v for k, v in self.schedule.items()},
                 "images": {k: asdict(v) for k, v in self.images.items()},
-                "windows": self.windows, "calibration": self.calibration}
+                "windows": self.windows, "levels": self.levels,
+                "calibration": self.calibration}
 
     @classmethod
     def from_json(cls, data: dict) -> "QCState":
@@ -205,7 +207,8 @@ class QCState:
                    log=list(data["log"]),
                    schedule={int(k): list(v) for k, v in data["schedule"].items()},
                    images={k: ImageRecord(**v) for k, v in data["images"].items()},
-                   windows=windows, calibration=dict(data.get("calibration", {})))
+                   windows=windows, levels=dict(data.get("levels", {})),
+                   calibration=dict(data.get("calibration", {})))
 
 
 def _draw(centers: dict[str, list[str]], n: int, rng: np.random.Generator
@@ -358,6 +361,8 @@ class QualityControl:
         if key is not None:
             self.state.windows[key] = self.criterion.remember(self.state.windows.get(key, []),
                                                               verdict.statistic)
+            if n_images > 1 and self.criterion.judges_against_center():
+                self.state.levels[study] = verdict.statistic
 
     def baseline(self) -> Evaluation:
         """Evaluate the loaded model; logged as cycle 0, subject n/a, the first reference."""
@@ -586,6 +591,9 @@ class QualityControl:
         if window is None:
             window = self.image_window() if suspect and n == 1 else \
                 (self.state.windows.get(key, []) if key else [])
+        if n > 1 and self.criterion.judges_against_center():
+            own = center_floor(self.state.levels.get(center), window, self.criterion.z)
+            floor = own if floor is None else floor if own is None else max(floor, own)
         check = self._check(center, ids, window, floor=floor)
         if self.criterion.holds_out_momentum(n) and not check.verdict.harmful:
             self.restore(check.before)  # keep the ordinary step, with its momentum

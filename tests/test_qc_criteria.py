@@ -18,8 +18,8 @@ import pytest
 from dqc.criteria import (CRITERIA, CRITERION_COLUMNS, LOG_COLUMNS, MIN_WINDOW,
                           PRETRAINING_WINDOW, Combined, HeldOut, Loss, McNemar, Rates, TrainLoss,
                           Witnessed, Confirmed, Anchored, Balanced, Separated, Abstaining, Pooled,
-                          Verdict,
-                          at_least,
+                          Centered, Verdict,
+                          at_least, center_floor,
                           binomial_tail, make_criterion, mcnemar_verdict, robust_limit,
                           self_set_verdict)
 from dqc.errors import DQCError
@@ -189,7 +189,7 @@ def test_state_round_trip_keeps_the_windows_and_the_calibration():
     ("mcnemar", {"window": 20}, "--window means nothing for --criterion mcnemar"),
     ("vibes", {}, "--criterion must be one of rates, loss, mcnemar, trainloss, heldout, "
                   "combined, witnessed, confirmed, anchored, balanced, separated, abstaining, "
-                  "stratified, pooled, got 'vibes'"),
+                  "stratified, pooled, centered, got 'vibes'"),
 ])
 def test_each_criterion_checks_its_own_parameters(name, given, message):
     with pytest.raises(DQCError) as info:
@@ -200,19 +200,20 @@ def test_each_criterion_checks_its_own_parameters(name, given, message):
 def test_each_criterion_says_what_it_needs():
     assert [CRITERIA[n]().evaluation_detail() for n in CRITERIA] == \
         ["counts", "scores", "predictions", "scores", "scores", "scores", "scores", "scores",
-         "scores", "scores", "scores", "scores", "scores", "scores"]
+         "scores", "scores", "scores", "scores", "scores", "scores", "scores"]
     assert [n for n in CRITERIA if not CRITERIA[n]().retries_alone()] == \
         ["witnessed", "confirmed", "anchored", "balanced", "separated", "abstaining", "stratified",
-         "pooled"]
+         "pooled", "centered"]
     assert [n for n in CRITERIA if CRITERIA[n]().anchors_revisit()] == \
-        ["anchored", "balanced", "separated", "abstaining", "stratified", "pooled"]
+        ["anchored", "balanced", "separated", "abstaining", "stratified", "pooled", "centered"]
     assert [n for n in CRITERIA if CRITERIA[n]().mixes_witnesses()] == \
-        ["balanced", "separated", "abstaining", "stratified", "pooled"]
+        ["balanced", "separated", "abstaining", "stratified", "pooled", "centered"]
     assert [n for n in CRITERIA if CRITERIA[n]().separates_labels()] == ["separated"]
     assert [n for n in CRITERIA if not CRITERIA[n]().judges_one_label_centers()] == \
-        ["abstaining", "stratified", "pooled"]
+        ["abstaining", "stratified", "pooled", "centered"]
     assert [n for n in CRITERIA if CRITERIA[n]().stratifies_batches()] == ["stratified"]
-    assert [n for n in CRITERIA if CRITERIA[n]().borrows_witnesses()] == ["pooled"]
+    assert [n for n in CRITERIA if CRITERIA[n]().borrows_witnesses()] == ["pooled", "centered"]
+    assert [n for n in CRITERIA if CRITERIA[n]().judges_against_center()] == ["centered"]
     assert [n for n in CRITERIA if CRITERIA[n]().confirmation() is not None] == ["confirmed"]
     assert Confirmed(z=2.5, window=20).confirmation() == HeldOut(z=2.5, window=20)
     assert not Confirmed().needs_evaluation(5)
@@ -627,6 +628,82 @@ def test_pooled_borrows_no_label_the_suspect_already_holds():
         assert {"u0", "v0"} <= set(batch) and len(batch) == 5
         assert not any(s.startswith("x") for s in batch)
     assert pooled.eliminated() == set()
+
+
+class CenterLossModel:
+    """A batch's own loss by the cycle and center it is trained in (`loss[(cycle, center)]`),
+    else about 0.1 (0.100-0.106 by batch): what a hard center, a harmful one and the
+    rest look like to the batch-loss criteria."""
+
+    def __init__(self, loss: dict[tuple[int, str], float]):
+        self.loss, self.cycle, self.n = loss, 10, 0
+
+    def train(self, center, ids):
+        self.n += 1
+        return self.loss.get((self.cycle, center), 0.1 + (self.n % 7) / 1000), 1.0
+
+    def evaluate(self, ids):
+        return predicted(set())
+
+    def snapshot(self):
+        return None
+
+    def restore(self, value):
+        pass
+
+
+def hard_center_run(criterion) -> QualityControl:
+    """G is good but hard (batch loss 0.3 in every cycle), J turns harmful in cycle 11 (9.0
+    after 0.1), H is harmful from the start (9.0). The window starts at 0.25-0.44 (limit
+    ~0.57), so G's and J's batches pass in cycle 10; 20 batches of other centers at ~0.1
+    then bring the limit down to ~0.11. Revisits (R = 2) in cycles 12 and 13."""
+    names = {"G": "g", "J": "j", "H": "h"}
+    labels = {f"{p}{i}": i % 2 for p in names.values() for i in range(5)}
+    labels |= {f"o{k}_{i}": i % 2 for k in range(20) for i in range(5)}
+    studies = {s: s[0].upper() if s[0] in "gjh" else f"O{s[1:].split('_')[0]}" for s in labels}
+    model = CenterLossModel({(10, "H"): 9.0, (11, "J"): 9.0, (12, "H"): 9.0, (13, "J"): 9.0}
+                            | {(c, "G"): 0.3 for c in range(10, 14)})
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=criterion, revisit=2, studies=studies, labels=labels)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=1, pretraining=[0.25 + i / 100 for i in range(20)])
+    batches = {c: [s for s in labels if studies[s] == c] for c in set(studies.values())}
+    for cycle in range(10, 14):
+        model.cycle = cycle
+        qc.start_cycle(cycle)
+        qc.revisit_pass()
+        order = ["G", "J", "H"] + [f"O{k}" for k in range(20)] if cycle == 10 \
+            else [f"O{k}" for k in range(20)] + ["G", "J", "H"]
+        for center in order:
+            ids = qc.select(center, batches[center])
+            if ids:
+                qc.verify_batch(center, ids)
+    return qc
+
+
+def test_centered_keeps_a_hard_center_the_pool_eliminates_and_not_a_harmful_one():
+    """Under `pooled` G, accepted in cycle 10, is flagged in cycle 11 at the same loss
+    against a limit that fell, and eliminated whole at its revisit. Under `centered` its
+    batch in cycle 11 is judged against at least its own accepted 0.3 plus the run's spread:
+    kept. H (never accepted) and J (accepted at 0.1, then 9.0) are eliminated by both."""
+    harmful = {f"h{i}" for i in range(5)} | {f"j{i}" for i in range(5)}
+    hard = {f"g{i}" for i in range(5)}
+    pooled, centered = hard_center_run(Pooled()), hard_center_run(Centered())
+    assert pooled.eliminated() == harmful | hard
+    assert centered.eliminated() == harmful
+    assert centered.state.levels["G"] == pytest.approx(0.3)
+    row = [r for r in centered.state.log if r["Study"] == "G" and r["Cycle"] == 11][0]
+    assert row["Ignored"] == 0 and 0.3 < row["LIMIT"] < 0.32  # the center's floor
+    assert QCState.from_json(json.loads(json.dumps(centered.state.to_json()))).levels == \
+        centered.state.levels
+
+
+def test_center_floor_is_the_level_plus_the_windows_spread():
+    window = [0.1 + i / 100 for i in range(MIN_WINDOW)]  # median 0.145, MAD 0.025
+    assert center_floor(0.3, window, 3.0) == pytest.approx(0.3 + 3 * 1.4826 * 0.025)
+    assert center_floor(None, window, 3.0) is None
+    assert center_floor(0.3, window[:-1], 3.0) is None  # too short to decide
+    assert center_floor(math.nan, window, 3.0) is None
 
 
 def test_one_label_centers():
