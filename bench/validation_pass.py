@@ -48,6 +48,8 @@ def main() -> None:
             n = layer.moving_mean.shape[0]
             layer.moving_mean.assign(rng.normal(0, 0.1, n))
             layer.moving_variance.assign(rng.uniform(0.5, 2, n))
+    head = classifier.get_layer("pd")  # scores away from 0 and 1, so that differences show
+    head.kernel.assign(head.kernel * 0.01)
     models = {"unfolded": stack(encoder, classifier), "folded": fold(encoder, classifier)}
     if keras.backend.backend() == "tensorflow":  # one trace for any batch, as a Trainer does
         for model in models.values():

@@ -37,7 +37,7 @@ RECOMMENDED_WHY = ("a batch's own training loss sees harm at no validation cost,
                    "its own last accepted batch loss plus the run's spread (a center harder "
                    "than the rest is not harm); on the tuning seeds 16-24 it eliminated as "
                    "many images of the whole harmful centers as pooled and 1 good image in 18 "
-                   "runs against 20 (docs/method.md)")
+                   "runs against 21 (docs/method.md)")
 #: mcnemar's significance level.
 ALPHA = 0.05
 #: The self-set threshold: median + Z * 1.4826 * MAD of the last WINDOW accepted statistics
