@@ -455,7 +455,21 @@ def test_mixed_draw_evens_the_labels_as_far_as_the_pool_allows():
     assert all(labels[s] == 0 for s in mixed_draw(pool[:7], 4, labels, ["h0"], rng))
 
 
-class LabelMixModel:
+class LossOnlyModel:
+    """A 'model' judged by its batches' own loss alone: no validation figure moves, and
+    there is no state to snapshot or restore."""
+
+    def evaluate(self, ids):
+        return predicted(set())
+
+    def snapshot(self):
+        return None
+
+    def restore(self, value):
+        pass
+
+
+class LabelMixModel(LossOnlyModel):
     """A batch's own loss as BatchNorm in training mode makes it: 0.9 for a batch of one
     label, 0.1 for a mixed one, 9.0 with a harmful image in it; it keeps the batches."""
 
@@ -467,15 +481,6 @@ class LabelMixModel:
         if any(s.startswith("h") for s in ids):
             return 9.0, 0.0
         return (0.9 if len({self.labels[s] for s in ids}) == 1 else 0.1), 1.0
-
-    def evaluate(self, ids):
-        return predicted(set())
-
-    def snapshot(self):
-        return None
-
-    def restore(self, value):
-        pass
 
 
 def mixed_run(criterion, labels: dict[str, int], studies: dict[str, str],
@@ -630,7 +635,7 @@ def test_pooled_borrows_no_label_the_suspect_already_holds():
     assert pooled.eliminated() == set()
 
 
-class CenterLossModel:
+class CenterLossModel(LossOnlyModel):
     """A batch's own loss by the cycle and center it is trained in (`loss[(cycle, center)]`),
     else about 0.1 (0.100-0.106 by batch): what a hard center, a harmful one and the
     rest look like to the batch-loss criteria."""
@@ -641,15 +646,6 @@ class CenterLossModel:
     def train(self, center, ids):
         self.n += 1
         return self.loss.get((self.cycle, center), 0.1 + (self.n % 7) / 1000), 1.0
-
-    def evaluate(self, ids):
-        return predicted(set())
-
-    def snapshot(self):
-        return None
-
-    def restore(self, value):
-        pass
 
 
 def hard_center_run(criterion) -> QualityControl:
