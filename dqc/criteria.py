@@ -560,11 +560,14 @@ class Centered(Pooled):
     falls as the model learns, and such a center, accepted in one cycle, is flagged in the
     next at the same loss and eliminated whole at its revisit (seed 22's C15, seed 23's C14).
     A center none of whose batches was accepted is judged by the pool alone, as under
-    `pooled`: no batch of a wholly harmful center was accepted on seeds 16-24. A candidate."""
+    `pooled`: no batch of a wholly harmful center was accepted on seeds 16-24. Withdrawn on
+    its first untuned seed (25): an inverted center whose first batch passed the pool set its
+    own floor, and each batch it let through raised it (docs/method.md)."""
 
     name: ClassVar[str] = "centered"
     summary: ClassVar[str] = ("pooled, and a center's batch is judged against at least its "
-                              "own last accepted batch loss plus the run's spread")
+                              "own last accepted batch loss plus the run's spread (withdrawn: "
+                              "a harmful center accepted once goes through)")
 
     def judges_against_center(self) -> bool:
         return True
