@@ -7,9 +7,9 @@
 Each mode runs in its own process (so its peak memory is its own) and writes a JSON record;
 `--compare` runs the fast path and `--naive` (the authors' way: every validation image read
 from disk and predicted alone, with the layers as trained, after every update, weights copied
-to the host for undo) on the
-same data, checks that both made the same decisions, and reports the speed-up. `unfolded` is
-the fast path predicting with the BatchNormalization layers as trained (`dqc.folding`).
+to the host for undo) on the same data, checks that both made the same decisions, and
+reports the speed-up. `unfolded` is the fast path predicting with the BatchNormalization
+layers as trained (`dqc.folding`).
 """
 
 from __future__ import annotations

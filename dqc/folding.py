@@ -7,8 +7,8 @@ by it is one convolution with a scaled kernel and a shifted bias:
 
 The encoder predicts the same scores (to float rounding, ~1e-7) without the two elementwise
 passes over each block's activations, which cost more than the first convolution itself at
-the demo's size (`python -m dqc.bench --modes fast,unfolded` measures it). The paper's rule evaluates
-the whole validation set after every update, so these passes are most of its cost.
+the demo's size (`python -m dqc.bench --modes fast,unfolded` measures it). The paper's rule
+evaluates the whole validation set after every update, so these passes are most of its cost.
 
 The folded model shares every layer but the folded convolutions with the trained model;
 `sync` recomputes their weights from the trained ones, and is called before each prediction.

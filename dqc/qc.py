@@ -593,7 +593,7 @@ class QualityControl:
                 (self.state.windows.get(key, []) if key else [])
         if n > 1 and self.criterion.judges_against_center():
             own = center_floor(self.state.levels.get(center), window, self.criterion.z)
-            floor = own if floor is None else floor if own is None else max(floor, own)
+            floor = max((f for f in (floor, own) if f is not None), default=None)
         check = self._check(center, ids, window, floor=floor)
         if self.criterion.holds_out_momentum(n) and not check.verdict.harmful:
             self.restore(check.before)  # keep the ordinary step, with its momentum

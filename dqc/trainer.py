@@ -63,6 +63,11 @@ class Trainer:
         self.folded = fold(encoder, classifier) if fold_batchnorm else None
         self.warm_up()
 
+    @property
+    def predictor(self) -> keras.Model:
+        """The model `predict` runs: the folded one where there is one."""
+        return self.model if self.folded is None else self.folded
+
     def warm_up(self) -> None:
         """Trace training and prediction for a variable batch size before the first real step.
 
@@ -75,15 +80,14 @@ class Trainer:
         """
         shape = tuple(self.model.input.shape[1:])
         if keras.backend.backend() == "tensorflow" and trace_for_any_batch(self.model, shape) \
-                and (self.folded is None or trace_prediction_for_any_batch(self.folded, shape)):
+                and trace_prediction_for_any_batch(self.predictor, shape):
             return
         saved = self.snapshot()
         for n in (1, 2):
             x = np.zeros((n, *shape), np.float32)
             self.model.train_on_batch(x, np.zeros((n, 1), np.float32))
-            for model in (self.model, self.folded or self.model):
-                model.predict_on_batch(x)
-                model.predict_on_batch(x.astype(np.uint8))  # validation sets stay uint8
+            self.predictor.predict_on_batch(x)
+            self.predictor.predict_on_batch(x.astype(np.uint8))  # validation sets stay uint8
         self.restore(saved)
 
     # --- training --------------------------------------------------------------------------
@@ -110,10 +114,9 @@ class Trainer:
 
         x is a numpy array or a backend tensor already on the device (see `on_device`).
         """
-        if self.folded is None:
-            return predict_in_batches(self.model, x, self.eval_batch_size)
-        self.folded.sync()
-        return predict_in_batches(self.folded, x, self.eval_batch_size)
+        if self.folded is not None:
+            self.folded.sync()
+        return predict_in_batches(self.predictor, x, self.eval_batch_size)
 
     @staticmethod
     def on_device(x: np.ndarray):
@@ -188,14 +191,14 @@ class Trainer:
 
 
 def trace_for_any_batch(model: keras.Model, shape: tuple[int, ...]) -> bool:
-    """TensorFlow: trace a compiled model's training step and its prediction (float32 and
-    uint8 volumes) once each, for an unknown batch size, before their first call.
+    """TensorFlow: trace a compiled model's training step once, for an unknown batch size,
+    before its first call (its prediction: `trace_prediction_for_any_batch`).
 
     Calls on batches of 1 then 2 give the same graphs after two traces of the training step
     (the first for its shape, the second relaxed to any batch size; ~2 s each at the tests'
     sizes). The accuracy metric's variables are made first, outside the trace: a trace that
     creates variables is followed by a second one at the next call. Returns False, having
-    traced nothing, where Keras' functions are not laid out as expected (another Keras).
+    traced nothing, where Keras' training step is not laid out as expected (another Keras).
     """
     import tensorflow as tf
 
@@ -205,8 +208,6 @@ def trace_for_any_batch(model: keras.Model, shape: tuple[int, ...]) -> bool:
     x, y = np.zeros((2, *shape), np.float32), np.zeros((2, 1), np.float32)
     model.compute_metrics(x, y, model(x), sample_weight=None)
     model.reset_metrics()
-    if not trace_prediction_for_any_batch(model, shape):
-        return False
     step.get_concrete_function((tf.TensorSpec((None, *shape), tf.float32),
                                 tf.TensorSpec((None, 1), tf.float32), None))
     return True

@@ -274,7 +274,7 @@ def _tracing_counts(trainer) -> tuple[int, int]:
     from dqc.trainer import keras_train_step
 
     return (keras_train_step(trainer.model).experimental_get_tracing_count(),
-            trainer.model.predict_function.experimental_get_tracing_count())
+            trainer.predictor.predict_function.experimental_get_tracing_count())
 
 
 def test_the_training_step_is_traced_once_and_steps_as_the_warm_up_by_calls_does(monkeypatch):
