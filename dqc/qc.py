@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -32,6 +33,8 @@ WITNESS_STREAM = 7927
 CONFIRM_STREAM = 7933
 #: The one-label window's calibration stream (`QualityControl.one_label_window`).
 ONE_LABEL_STREAM = 7937
+#: A lone image's witnesses' stream (`QualityControl.verify_lone`), apart from the revisits'.
+LONE_STREAM = 7949
 
 
 @dataclass(frozen=True)
@@ -639,6 +642,8 @@ class QualityControl:
             loss, acc = self.train(center, ids)
             self._log("batch", center, NOT_EVALUATED, Verdict(False, loss), train_loss=loss)
             return loss, acc
+        if len(ids) == 1 and not self.criterion.retries_alone() and self._suspects_apart():
+            return self.verify_lone(center, ids[0])
         check = self._try(center, ids, "batch")
         loss, acc = check.loss, check.acc
         if not check.verdict.harmful:
@@ -658,6 +663,37 @@ class QualityControl:
                 self.on_event(f"cycle {self.cycle}: {subject} ({center}) harmful; "
                               f"revisit in cycle {self.cycle + self.revisit}")
         return loss, acc
+
+    def verify_lone(self, center: str, subject: str) -> tuple[float, float]:
+        """A batch of one image (its center's last) under a criterion that judges images
+        with witnesses (`witnessed` and those built on it). One image alone is nearly blind
+        (BatchNorm over one image), and such a run has no window of single images: it is
+        judged as its revisit would be, with witnesses of its center against the batches'
+        window, a check step undone whatever its verdict (seeded by the run's seed, the cycle
+        and the center). Harmful, or no witness to judge it with (a step on it alone, undone,
+        gives the loss its row shows): flagged, it waits for its revisit. Harmless: the
+        paper's step on it alone is made."""
+        seed = self.state.calibration.get("seed", 0)
+        rng = np.random.default_rng([seed, LONE_STREAM, self.cycle, zlib.crc32(center.encode())])
+        ids = [subject, *self.witnesses([subject], [subject], rng, co_suspects=False)]
+        if len(ids) == 1:  # nothing to judge it with
+            before = self.snapshot()
+            loss, acc = self.train(center, ids)
+            self.restore(before)
+            verdict = Verdict(True, loss)
+            self._log("batch", center, NOT_EVALUATED, verdict, train_loss=loss)
+        else:
+            check = self._try(center, ids, "batch", suspect=True, keep=False,
+                              window=self.state.windows.get(self.criterion.window_key(len(ids)),
+                                                            []))
+            loss, acc, verdict = check.loss, check.acc, check.verdict
+        if verdict.harmful:
+            self._suspect(subject, verdict)
+            self.on_event(f"cycle {self.cycle}: {subject}, alone in its batch at {center}, "
+                          f"flagged; revisit in cycle {self.cycle + self.revisit}")
+            return loss, acc
+        self.state.reference = None  # the model moves unevaluated
+        return self.train(center, [subject])
 
     def witnesses(self, subjects: Sequence[str], due: Sequence[str], rng: np.random.Generator,
                   co_suspects: bool = True) -> list[str]:

@@ -486,7 +486,8 @@ class LabelMixModel(LossOnlyModel):
 def mixed_run(criterion, labels: dict[str, int], studies: dict[str, str],
               steps: list[tuple[int, str, list[str]]]) -> tuple[QualityControl, LabelMixModel]:
     """`LabelMixModel`'s batches (cycle, center, ids) verified in order, after a window of
-    ~0.1, then cycle 12's revisit pass (its batches alone kept by the model)."""
+    ~0.1, then cycle 12's revisit pass (its batches alone kept by the model, the regular
+    pass's in `model.regular`)."""
     model = LabelMixModel(labels)
     qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
                         criterion=criterion, revisit=2, studies=studies,
@@ -497,6 +498,7 @@ def mixed_run(criterion, labels: dict[str, int], studies: dict[str, str],
         qc.start_cycle(cycle)
         qc.verify_batch(center, ids)
     qc.start_cycle(12)
+    model.regular = list(model.batches)
     model.batches.clear()
     qc.revisit_pass()
     return qc, model
@@ -616,11 +618,11 @@ def test_pooled_borrows_a_label_the_kept_images_lack_from_the_center_waiting_ima
 
 
 def test_pooled_borrows_no_label_the_suspect_already_holds():
-    """Seed 20's case: in cycle 12 W's HC w0-w4 and its PD u0 are revisited, its HC x0-x4
-    wait for cycle 13 and its one kept image is the PD v0. The batch of an HC suspect holds
-    both labels with v0, so nothing is borrowed: its witnesses are v0, the PD co-suspect u0
-    and HC co-suspects (3 HC + 2 PD), never a waiting x (borrowing HC, the suspects' own
-    label, made 4 HC + 1 PD and displaced u0)."""
+    """Seed 20's case: in cycle 12 W's HC w0-w4 are revisited, its HC x0-x4 wait for cycle
+    13 and its kept images are the PD u0 (alone in its batch in cycle 10, judged with
+    witnesses and kept) and v0. The batch of an HC suspect holds both labels with them, so
+    nothing is borrowed: its witnesses are u0, v0 and HC co-suspects (3 HC + 2 PD), never a
+    waiting x (borrowing HC, the suspects' own label, made 4 HC + 1 PD)."""
     labels = {f"w{i}": 0 for i in range(5)} | {f"x{i}": 0 for i in range(5)} | \
         {"u0": 1, "v0": 1}
     steps = [(10, "W", [f"w{i}" for i in range(5)]), (10, "W", ["u0"]),
@@ -633,6 +635,38 @@ def test_pooled_borrows_no_label_the_suspect_already_holds():
         assert {"u0", "v0"} <= set(batch) and len(batch) == 5
         assert not any(s.startswith("x") for s in batch)
     assert pooled.eliminated() == set()
+
+
+def test_a_lone_image_is_judged_with_witnesses_of_its_center_before_it_trains():
+    """A center's last image, alone in its batch. Under `witnessed` and the criteria built on
+    it a run has no window of single images: before 2026-12-08 such a batch was trained
+    unjudged. Now it is judged as its revisit would be, with kept images of its center as
+    witnesses, a check step undone, and only a harmless one is then trained alone: the
+    harmful h0 is flagged and eliminated at its revisit, the good g5 is trained alone and
+    never flagged. L's one image has no witness: `witnessed` flags it (a step, undone, for
+    its loss) and judges it at its revisit; `pooled` leaves L, a center of one label,
+    unjudged."""
+    labels = {f"g{i}": i % 2 for i in range(6)} | {"h0": 1, "l0": 0}
+    steps = [(10, "G", [f"g{i}" for i in range(5)]), (10, "G", ["h0"]), (10, "G", ["g5"]),
+             (10, "L", ["l0"])]
+    studies = {s: "L" if s == "l0" else "G" for s in labels}
+    for criterion in (Pooled(z=3.0, window=20), Witnessed(z=3.0, window=20)):
+        qc, model = mixed_run(criterion, labels, studies, steps)
+        assert qc.eliminated() == {"h0"}
+        assert qc.state.images["g5"].times_flagged == 0 and qc.status("g5") == "kept"
+        lone = [r for r in qc.state.log if r["Cycle"] == 10][1:]
+        assert [r["Ignored"] for r in lone[:2]] == [1, 0]
+        assert lone[0]["STATISTIC"] == 9.0 and lone[1]["STATISTIC"] == 0.1
+        assert all(math.isfinite(r["LIMIT"]) for r in lone[:2]) and math.isnan(lone[2]["LIMIT"])
+        checks = model.regular[1:]
+        assert len(checks[0]) == 5 and checks[0][0] == "h0"
+        assert len(checks[1]) == 5 and checks[1][0] == "g5" and checks[2] == ["g5"]
+        assert checks[3] == ["l0"] and len(checks) == 4
+        assert qc.state.windows["train_loss:batch"][-1] == 0.1  # the first batch's alone
+        pooled = criterion.borrows_witnesses()
+        assert qc.unjudged == (["L"] if pooled else [])
+        assert lone[2]["Ignored"] == (0 if pooled else 1)
+        assert qc.state.images["l0"].times_flagged == (0 if pooled else 1)
 
 
 class CenterLossModel(LossOnlyModel):
