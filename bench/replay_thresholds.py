@@ -1,22 +1,31 @@
-"""Replay the batch-loss decisions of a `witnessed` or `anchored` QC run under other values of
-z, offline: which images each z would have eliminated.
+"""Replay the batch-loss decisions of a `witnessed`, `anchored` (or later) QC run under other
+values of z and other floors for its revisits, offline: which images each would have
+eliminated.
 
     python bench/replay_thresholds.py --z 3,4,5 study_out/seed_1/qc_A_anchored study_out/seed_1/qc_C_anchored
+    python bench/replay_thresholds.py --z 3 --floors run,none study_out/seed_25/qc_A_pooled
 
 An analysis aid for tuning seeds, not a test and not a run. The run's trajectory is taken as
 it was: the same batches in the same order with the same losses (a batch the replayed z would
 have kept but the run undid still counts as kept, so that the model it trains is not replayed).
-The window starts from the pre-training's saved batch losses (`<seed>/clean/tm_state_*.npz`,
+A batch the run trained unjudged (no limit) stays so. The window starts from the
+pre-training's saved batch losses (`<seed>/clean/tm_state_*.npz`,
 as the run does) or, without them, from the log's first 10 kept batch losses. A revisit counts
 only when a batch of its image's center was flagged under the replayed z in the cycle that
-first flagged the image; under `anchored` its floor is the replayed limit of that batch. With
-the run's own z it gives back the run's eliminations. Harmful: what `qc_images.csv` marks.
+first flagged the image. Its floor (`--floors`, `FLOORS`): `run`, the run's own rule (under
+`anchored` and the criteria built on it, the replayed limit of that batch; else none); `none`,
+the window's limit now; `scaled`, the flag's limit times the window's median now over its
+median then; `shifted`, the flag's limit less the fall of the median. With the run's own z and
+floor it gives back the run's eliminations; a revisit cycle's verdicts under another floor are
+exact for the first revisit cycle only (an image eliminated there instead of back in training
+changes the batches after it). Harmful: what `qc_images.csv` marks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -36,10 +45,19 @@ def pretraining_window(run: Path, first_cycle: int) -> list[float]:
     return list(read_state(state)[0].get("batch_losses", ())) if state.is_file() else []
 
 
-def replay(run: Path, z: float) -> dict:
+#: A revisit's floor from its flag's limit and window median and the window's median now.
+FLOORS = {
+    "run": lambda limit, then, now: limit,
+    "none": lambda limit, then, now: None,
+    "scaled": lambda limit, then, now: limit * now / then,
+    "shifted": lambda limit, then, now: limit - (then - now),
+}
+
+
+def replay(run: Path, z: float, floor: str = "run") -> dict:
     """The images of `run` the replayed z eliminates, harmful and good, and how many each:
     each batch and revisit judged by the run's own rule (`self_set_verdict`, and `at_least`
-    the flag's limit under `anchored`)."""
+    the `floor`, `FLOORS`, where the criterion anchors its revisits)."""
     log = pd.read_csv(run / "qc.csv")
     images = pd.read_csv(run / "qc_images.csv").set_index("Subject")
     anchored = make_criterion(json.loads((run / "qc_summary.json").read_text())
@@ -49,25 +67,29 @@ def replay(run: Path, z: float) -> dict:
     window = pretraining_window(run, int(log.Cycle.min())) \
         or batches[batches.Ignored == 0].STATISTIC.tolist()[:MIN_WINDOW]
     window = window[-WINDOW:]
-    flag_limits: dict[tuple[int, str], float] = {}  # (cycle, center) -> highest limit exceeded
+    flags: dict[tuple[int, str], tuple[float, float]] = {}  # (cycle, center) -> highest limit
+    # exceeded, with the window's median then
     eliminated = {0: 0, 1: 0}
     for cycle, rows in log.groupby("Cycle", sort=True):
         for row in rows[rows.Subject == "batch"].itertuples():
+            if pd.isna(row.LIMIT) and not row.Ignored:
+                continue  # trained unjudged (`abstaining`'s centers, a lone image before 2026-12-08)
             verdict = self_set_verdict(row.STATISTIC, window, z)
             if verdict.harmful:
                 key = (cycle, row.Study)
-                flag_limits[key] = max(flag_limits.get(key, verdict.limit), verdict.limit)
+                flags[key] = max(flags.get(key, (verdict.limit, 0.0)),
+                                 (verdict.limit, statistics.median(window)))
             else:
                 window = (window + [row.STATISTIC])[-WINDOW:]
         for row in rows[rows.Subject != "batch"].itertuples():
-            floor = flag_limits.get((images.loc[row.Subject, "first_flagged_cycle"], row.Study))
-            if floor is None:
+            flag = flags.get((images.loc[row.Subject, "first_flagged_cycle"], row.Study))
+            if flag is None:
                 continue  # its batch was not flagged under this z
-            verdict = at_least(self_set_verdict(row.STATISTIC, window, z),
-                               floor if anchored else None)
+            least = FLOORS[floor](*flag, statistics.median(window)) if anchored else None
+            verdict = at_least(self_set_verdict(row.STATISTIC, window, z), least)
             eliminated[int(images.loc[row.Subject, "Harmful"])] += verdict.harmful
     n_harmful = int(images.Harmful.sum())
-    return {"run": f"{run.parent.name}/{run.name}", "z": z,
+    return {"run": f"{run.parent.name}/{run.name}", "z": z, "floor": floor,
             "harmful eliminated": f"{eliminated[1]}/{n_harmful}",
             "good eliminated": f"{eliminated[0]}/{len(images) - n_harmful}"}
 
@@ -79,8 +101,14 @@ def main() -> None:
                    help="QC run folders (qc.csv, qc_images.csv, qc_summary.json)")
     p.add_argument("--z", default="3,4,4.5,5,6", help="the values of z to replay, "
                    "comma-separated (default: 3,4,4.5,5,6)")
+    p.add_argument("--floors", default="run", help="a revisit's floors to replay, "
+                   f"comma-separated, of {', '.join(FLOORS)} (default: run; see above)")
     args = p.parse_args()
-    rows = [replay(run, float(z)) for run in args.runs for z in args.z.split(",")]
+    floors = args.floors.split(",")
+    if unknown := sorted(set(floors) - set(FLOORS)):
+        p.error(f"--floors: unknown {', '.join(unknown)}; choose from {', '.join(FLOORS)}")
+    rows = [replay(run, float(z), floor) for run in args.runs for z in args.z.split(",")
+            for floor in floors]
     print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
     for row in rows:
         print("| " + " | ".join(str(v) for v in row.values()) + " |")
