@@ -7,18 +7,20 @@ eliminated.
 
 An analysis aid for tuning seeds, not a test and not a run. The run's trajectory is taken as
 it was: the same batches in the same order with the same losses (a batch the replayed z would
-have kept but the run undid still counts as kept, so that the model it trains is not replayed).
-A batch the run trained unjudged (no limit) stays so. The window starts from the
-pre-training's saved batch losses (`<seed>/clean/tm_state_*.npz`,
-as the run does) or, without them, from the log's first 10 kept batch losses. A revisit counts
-only when a batch of its image's center was flagged under the replayed z in the cycle that
-first flagged the image. Its floor (`--floors`, `FLOORS`): `run`, the run's own rule (under
-`anchored` and the criteria built on it, the replayed limit of that batch; else none); `none`,
-the window's limit now; `scaled`, the flag's limit times the window's median now over its
-median then; `shifted`, the flag's limit less the fall of the median. With the run's own z and
-floor it gives back the run's eliminations; a revisit cycle's verdicts under another floor are
-exact for the first revisit cycle only (an image eliminated there instead of back in training
-changes the batches after it). Harmful: what `qc_images.csv` marks.
+have kept but the run undid still counts as kept, so that the model it trains is not
+replayed). A batch the run trained unjudged (no limit) stays so; a lone image's check with
+witnesses (since 940dc20) is replayed as a batch, which enters the window when kept (the run
+keeps it out: a small difference). The window starts from the pre-training's saved batch
+losses (`<seed>/clean/tm_state_*.npz`, as the run does) or, without them, from the log's first
+10 kept batch losses. A revisit counts only when a batch of its image's center was flagged
+under the replayed z in the cycle that first flagged the image. Its floor (`--floors`,
+`FLOORS`): `run`, the run's own rule (under `anchored` and the criteria built on it, the
+replayed limit of that batch; else none); `none`, the window's limit now; `scaled`, the flag's
+limit times the window's median now over its median then; `shifted`, the flag's limit less the
+fall of the median. With the run's own z and floor it gives back the run's eliminations (runs
+before 940dc20); under another floor the verdicts are exact for the first revisit cycle only
+(an image eliminated there instead of back in training changes the batches after it).
+Harmful: what `qc_images.csv` marks.
 """
 
 from __future__ import annotations
