@@ -681,6 +681,10 @@ class QualityControl:
             loss, acc = self.train(center, ids)
             self.restore(before)
             verdict = Verdict(True, loss)
+            if not math.isfinite(loss):
+                self._warn_nonfinite(Check(before, loss, acc, NOT_EVALUATED, verdict,
+                                           (f"training loss {loss}",)), center, ids,
+                                     "flagged and undone")
             self._log("batch", center, NOT_EVALUATED, verdict, train_loss=loss)
         else:
             check = self._try(center, ids, "batch", suspect=True, keep=False,

@@ -1010,6 +1010,31 @@ def test_a_non_finite_training_loss_flags_the_update_and_stays_out(criterion):
     assert qc.state.reference in (None, reference)  # stale or the last accepted one
 
 
+def test_a_lone_image_with_a_non_finite_loss_is_flagged_with_a_warning():
+    """Under `witnessed` a center's last image alone in its batch is judged with witnesses;
+    with none (its center's only image) it is flagged after a step on it alone, undone:
+    either way a non-finite loss gets its warning line and stays out of the windows."""
+    model = FakeModel({}, {"n": math.nan, "i": math.inf})
+    warnings: list[str] = []
+    qc = QualityControl(model.train, model.evaluate, model.snapshot, model.restore,
+                        criterion=Witnessed(), revisit=2,
+                        studies={"n": "C1", "a": "C2", "i": "C2"}, on_warning=warnings.append)
+    qc.baseline()
+    qc.calibrate(batch_size=5, seed=0, pretraining=[1.0] * 10)
+    before = model.snapshot()
+    qc.cycle = 11
+    qc.verify_batch("C1", ["n"])
+    qc.verify_batch("C2", ["i"])
+    assert warnings == ["warning: cycle 11, center C1, image n: training loss nan; flagged "
+                        "and undone",
+                        "warning: cycle 11, center C2, batch of i, a: training loss inf; "
+                        "flagged and undone"]
+    assert qc.waiting() == {"n", "i"} and qc.status("a") == "kept"
+    assert [r["Ignored"] for r in qc.state.log[1:]] == [1, 1]
+    assert qc.state.windows["train_loss:batch"] == [1.0] * 10
+    assert model.snapshot() == before
+
+
 def test_a_non_finite_validation_loss_is_never_the_reference():
     class Model(DriftingModel):
         def train(self, center, ids):
