@@ -676,21 +676,17 @@ class QualityControl:
         seed = self.state.calibration.get("seed", 0)
         rng = np.random.default_rng([seed, LONE_STREAM, self.cycle, zlib.crc32(center.encode())])
         ids = [subject, *self.witnesses([subject], [subject], rng, co_suspects=False)]
-        if len(ids) == 1:  # nothing to judge it with
-            before = self.snapshot()
-            loss, acc = self.train(center, ids)
-            self.restore(before)
-            verdict = Verdict(True, loss)
-            if not math.isfinite(loss):
-                self._warn_nonfinite(Check(before, loss, acc, NOT_EVALUATED, verdict,
-                                           (f"training loss {loss}",)), center, ids,
-                                     "flagged and undone")
-            self._log("batch", center, NOT_EVALUATED, verdict, train_loss=loss)
-        else:
-            check = self._try(center, ids, "batch", suspect=True, keep=False,
-                              window=self.state.windows.get(self.criterion.window_key(len(ids)),
-                                                            []))
-            loss, acc, verdict = check.loss, check.acc, check.verdict
+        if len(ids) == 1:  # nothing to judge it with: a step alone, undone, for its loss
+            check = self._check(center, ids, [])
+            self.restore(check.before)
+            if check.nonfinite:
+                self._warn_nonfinite(check, center, ids, "flagged and undone")
+            verdict = Verdict(True, check.loss)
+            self._log("batch", center, check.ev, verdict, train_loss=check.loss)
+        else:  # judged against the batches' window, its statistic entering none
+            check = self._try(center, ids, "batch", suspect=True, keep=False)
+            verdict = check.verdict
+        loss, acc = check.loss, check.acc
         if verdict.harmful:
             self._suspect(subject, verdict)
             self.on_event(f"cycle {self.cycle}: {subject}, alone in its batch at {center}, "
