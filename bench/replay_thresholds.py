@@ -75,7 +75,7 @@ def replay(run: Path, z: float, floor: str = "run") -> dict:
     for cycle, rows in log.groupby("Cycle", sort=True):
         for row in rows[rows.Subject == "batch"].itertuples():
             if pd.isna(row.LIMIT) and not row.Ignored:
-                continue  # trained unjudged (`abstaining`'s centers, a lone image before 2026-12-08)
+                continue  # trained unjudged (`abstaining`'s centers, a lone image before 940dc20)
             verdict = self_set_verdict(row.STATISTIC, window, z)
             if verdict.harmful:
                 key = (cycle, row.Study)
